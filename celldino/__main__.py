@@ -1,0 +1,5 @@
+import sys
+
+from celldino.cli import main
+
+sys.exit(main())

@@ -1,0 +1,145 @@
+"""Configs: the reference's defaults, shipped recipes, and `key=value` overrides (OmegaConf), as DINOv2 does.
+
+    cfg = load_config("cell_dino/vitl16_hpaone", ["train.batch_size_per_gpu=8"])
+
+A recipe is a name under `recipes/` ("demo", "cell_dino/vitl16_hpaone", "eval/cell_dino/vitl16_pretrain",
+"ssl_default_config" for the bare defaults) or a path to a yaml file. Keys that the defaults do not define are an
+error naming the key and the file, except a few keys the reference itself ignores (warned and dropped).
+"""
+import logging
+import math
+import os
+import warnings
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError
+
+CONFIG_DIR = Path(__file__).resolve().parent
+DEFAULTS_FILE = CONFIG_DIR / "defaults.yaml"
+RECIPES_DIR = CONFIG_DIR / "recipes"
+
+# Keys found in reference config files that the reference code never reads.
+IGNORED_REFERENCE_KEYS = {
+    "train.channel_adaptive": "the reference ignores it too (it lives under `train`); bag-of-channels features "
+                              "are selected with student.channel_adaptive",
+}
+
+logger = logging.getLogger("celldino")
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key and where it came from."""
+
+
+def list_recipes():
+    """Recipe names addressable by `--config-file NAME`."""
+    names = ["ssl_default_config"]
+    names += sorted(str(p.relative_to(RECIPES_DIR).with_suffix("")) for p in RECIPES_DIR.rglob("*.yaml"))
+    return names
+
+
+def recipe_path(name_or_path):
+    """Resolve a recipe name or a path to an existing yaml file."""
+    text = str(name_or_path)
+    if text in ("ssl_default_config", "defaults"):
+        return DEFAULTS_FILE
+    path = Path(os.path.expanduser(text))
+    if path.is_file():
+        return path
+    stem = text[:-5] if text.endswith(".yaml") else text
+    candidate = RECIPES_DIR / f"{stem}.yaml"
+    if candidate.is_file():
+        return candidate
+    raise ConfigError(f"config file {text!r} is neither an existing file nor a recipe name; "
+                      f"recipes: {', '.join(list_recipes())}")
+
+
+def _flat_keys(node, prefix=""):
+    if isinstance(node, DictConfig):
+        for key in node.keys():
+            yield from _flat_keys(node[key], f"{prefix}{key}.")
+    else:
+        yield prefix[:-1]
+
+
+def _drop_ignored(cfg, source):
+    for key, why in IGNORED_REFERENCE_KEYS.items():
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if isinstance(node, DictConfig) and leaf in node:
+            warnings.warn(f"{source}: ignoring `{key}`: {why}")
+            del node[leaf]
+    return cfg
+
+
+def _merge_checked(base, extra, source):
+    """Merge `extra` into `base`, refusing keys that `base` does not define."""
+    extra = _drop_ignored(extra, source)
+    known = set(_flat_keys(base))
+    for key in _flat_keys(extra):
+        if key in known:
+            continue
+        # a key whose prefix is a leaf in `base` (or absent) is unknown
+        raise ConfigError(f"{source}: unknown config key `{key}` (not in {DEFAULTS_FILE.name}); "
+                          "check the spelling against the defaults")
+    OmegaConf.set_struct(base, True)
+    try:
+        return OmegaConf.merge(base, extra)
+    except ConfigKeyError as exc:  # pragma: no cover - caught above, kept as a safety net
+        raise ConfigError(f"{source}: {exc}") from exc
+
+
+def _parse_overrides(overrides):
+    items = []
+    for item in overrides or ():
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        items.append(item)
+    try:
+        return OmegaConf.from_dotlist(items)
+    except Exception as exc:
+        raise ConfigError(f"cannot parse overrides {items}: {exc}") from exc
+
+
+def load_config(config_file=None, overrides=()):
+    """defaults <- recipe/file <- `key=value` overrides, each checked against the defaults' keys."""
+    cfg = OmegaConf.load(DEFAULTS_FILE)
+    if config_file is not None:
+        path = recipe_path(config_file)
+        if path != DEFAULTS_FILE:
+            try:
+                file_cfg = OmegaConf.load(path)
+            except Exception as exc:
+                raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+            if file_cfg is None:
+                file_cfg = OmegaConf.create({})
+            cfg = _merge_checked(cfg, file_cfg, str(path))
+    cfg = _merge_checked(cfg, _parse_overrides(overrides), "command-line override")
+    OmegaConf.set_struct(cfg, False)
+    return cfg
+
+
+def apply_scaling_rules_to_cfg(cfg, world_size=1):
+    """Set optim.lr from optim.base_lr by the scaling rule (reference: sqrt_wrt_1024)."""
+    rule = cfg.optim.scaling_rule
+    if rule == "sqrt_wrt_1024":
+        cfg.optim.lr = cfg.optim.base_lr * math.sqrt(cfg.train.batch_size_per_gpu * world_size / 1024.0)
+        logger.info("sqrt scaling learning rate; base: %s, new: %s", cfg.optim.base_lr, cfg.optim.lr)
+    elif rule == "linear_wrt_1024":
+        cfg.optim.lr = cfg.optim.base_lr * cfg.train.batch_size_per_gpu * world_size / 1024.0
+    elif rule in (None, "none"):
+        cfg.optim.lr = cfg.optim.base_lr
+    else:
+        raise ConfigError(f"optim.scaling_rule: unknown rule {rule!r} (sqrt_wrt_1024, linear_wrt_1024, none)")
+    return cfg
+
+
+def save_config(cfg, path):
+    """Write the merged config atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(OmegaConf.to_yaml(cfg))
+    os.replace(tmp, path)
+    return path

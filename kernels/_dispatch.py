@@ -1,0 +1,57 @@
+"""Choose between a Triton kernel and its plain-torch reference.
+
+`CELLDINO_KERNELS=triton|torch|auto` (default auto) or `set_backend()` forces a path:
+- auto:   Triton for CUDA tensors when triton imports, the torch reference otherwise;
+- triton: always Triton (CPU tensors only under TRITON_INTERPRET=1), error if impossible;
+- torch:  always the reference.
+"""
+import functools
+import os
+
+_VALID = ("auto", "triton", "torch")
+_override = None
+
+
+def set_backend(name):
+    """Force a backend for this process (None restores the environment variable / auto)."""
+    global _override
+    if name is not None and name not in _VALID:
+        raise ValueError(f"kernel backend must be one of {_VALID}, got {name!r}")
+    _override = name
+
+
+def backend():
+    name = _override or os.environ.get("CELLDINO_KERNELS", "auto").strip().lower() or "auto"
+    if name not in _VALID:
+        raise ValueError(f"CELLDINO_KERNELS must be one of {_VALID}, got {name!r}")
+    return name
+
+
+def interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available():
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def use_triton(*tensors):
+    """True when the Triton implementation should run on these tensors."""
+    name = backend()
+    if name == "torch":
+        return False
+    on_cuda = all(t.is_cuda for t in tensors)
+    if name == "triton":
+        if not triton_available():
+            raise RuntimeError("CELLDINO_KERNELS=triton but triton is not importable")
+        if not (on_cuda or interpreting()):
+            raise RuntimeError("CELLDINO_KERNELS=triton needs CUDA tensors, or TRITON_INTERPRET=1 "
+                               "set before celldino.kernels is imported to run Triton on the CPU")
+        return True
+    return on_cuda and triton_available()
