@@ -1,25 +1,63 @@
 """Multi-crop (block-diagonal) attention over one packed token stream.
 
-q, k, v: [total_tokens, heads, head_dim]; cu_seqlens: int32 [n_crops + 1] cumulative crop offsets.
-Each crop attends only to its own tokens. The reference runs one SDPA call per group of equal-length crops
-(the DINOv3 approach); the Triton kernel (to come) packs short crops into shared tiles.
+    multicrop_attention(q, k, v, cu_seqlens, max_seqlen=None, scale=None) -> o
+
+q, k, v: [total_tokens, heads, head_dim] (any strides); cu_seqlens: int [n_crops + 1] cumulative crop offsets
+(a CPU tensor avoids the one device->host copy per new cu_seqlens tensor). Each crop attends only to its own
+tokens; o is [total_tokens, heads, head_dim], contiguous, in q's dtype. Differentiable in q, k and v.
+
+Implementations (chosen by `_dispatch`):
+- `multicrop_attention_reference`: plain torch, one SDPA call per group of equal-length crops (the DINOv3
+  approach); the CPU path and the ground truth of the tests.
+- the Triton kernels below (FlashAttention-2 style: online softmax, fp32 accumulation, log-sum-exp saved for the
+  backward, delta = rowsum(dO * O)).
+
+Why a kernel: DINOv2 crops are short (37..257 tokens). One 128-row tile per crop (flash-attn varlen, SDPA per
+group) leaves most of a tile empty for local crops. Here whole short crops are packed into one tile of TILE query
+rows (block-diagonal *inside* the tile: a score is kept only where the query's crop id equals the key's crop id),
+crops longer than a tile get tiles of their own, and a tile only visits the keys of the crops it holds. The tile
+table (row range and key range per tile) is built on the host once per crop-length signature and cached on the
+device, so a call costs one launch forward and three backward (delta, dk/dv, dq), with no padding copies and no
+atomics (deterministic).
 """
+import math
+import weakref
+from collections import OrderedDict
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import use_triton
+from ._dispatch import interpreting, triton_available, use_triton
+
+# ----------------------------------------------------------------------------------------------------------------
+# plain-torch reference
+# ----------------------------------------------------------------------------------------------------------------
 
 
-def _seqlens(cu_seqlens):
-    offsets = cu_seqlens.tolist() if torch.is_tensor(cu_seqlens) else list(cu_seqlens)
-    return [b - a for a, b in zip(offsets[:-1], offsets[1:])], offsets
+def _offsets(cu_seqlens):
+    offsets = cu_seqlens.tolist() if torch.is_tensor(cu_seqlens) else [int(x) for x in cu_seqlens]
+    return offsets
+
+
+def _check_inputs(q, k, v, offsets):
+    if q.dim() != 3 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"multicrop_attention: q, k, v must all be [total_tokens, heads, head_dim], got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
+        raise ValueError(f"multicrop_attention: q, k, v must share dtype and device, got "
+                         f"{q.dtype}/{k.dtype}/{v.dtype} on {q.device}/{k.device}/{v.device}")
+    if len(offsets) < 1 or offsets[0] != 0 or any(b < a for a, b in zip(offsets[:-1], offsets[1:])):
+        raise ValueError(f"multicrop_attention: cu_seqlens must start at 0 and be non-decreasing, got {offsets[:8]}...")
+    if offsets[-1] != q.shape[0]:
+        raise ValueError(f"multicrop_attention: cu_seqlens ends at {offsets[-1]} but q has {q.shape[0]} tokens")
 
 
 def multicrop_attention_reference(q, k, v, cu_seqlens, scale=None):
     """SDPA once per crop-length group; crops of one length need not be contiguous."""
-    lengths, offsets = _seqlens(cu_seqlens)
-    if offsets[-1] != q.shape[0]:
-        raise ValueError(f"cu_seqlens ends at {offsets[-1]} but q has {q.shape[0]} tokens")
+    offsets = _offsets(cu_seqlens)
+    _check_inputs(q, k, v, offsets)
+    lengths = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
     out = torch.empty_like(q)
     groups = {}
     for i, n in enumerate(lengths):
@@ -35,9 +73,412 @@ def multicrop_attention_reference(q, k, v, cu_seqlens, scale=None):
     return out
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# tile table: which query rows and which keys each program handles
+# ----------------------------------------------------------------------------------------------------------------
+
+_TABLE_CACHE = OrderedDict()  # (lengths, tile, device) -> (tiles, crop_id)
+_TABLE_CACHE_SIZE = 64
+_CU_CACHE = {}  # id(cu_seqlens tensor) -> (weakref, version, lengths): skips .tolist() for a reused tensor
+
+
+def build_tile_table(lengths, tile):
+    """Host-side tile table for crops of `lengths` laid out back to back.
+
+    Returns (tiles, crop_id): tiles int32 [n_tiles, 4] = (row_lo, row_hi, key_lo, key_hi), each tile holding at
+    most `tile` consecutive query rows, whose keys all lie in [key_lo, key_hi); crop_id int32 [total_tokens].
+    Whole crops of <= tile tokens are packed greedily into shared tiles (rows == keys == the packed crops); a
+    longer crop gets its own ceil(n / tile) tiles, each reading the whole crop as keys. Tiles are ordered by
+    decreasing key count so the longest programs start first (longest-processing-time scheduling).
+    """
+    tiles = []
+    offset = 0
+    open_lo = None  # first row of the packed tile being filled
+
+    def close(end):
+        tiles.append((open_lo, end, open_lo, end))
+
+    for n in lengths:
+        n = int(n)
+        if n == 0:
+            continue
+        if n > tile:
+            if open_lo is not None:
+                close(offset)
+                open_lo = None
+            for r in range(offset, offset + n, tile):
+                tiles.append((r, min(r + tile, offset + n), offset, offset + n))
+        else:
+            if open_lo is not None and offset + n - open_lo > tile:
+                close(offset)
+                open_lo = None
+            if open_lo is None:
+                open_lo = offset
+        offset += n
+    if open_lo is not None:
+        close(offset)
+    tiles.sort(key=lambda t: t[3] - t[2], reverse=True)  # stable: ties keep stream order
+    tiles = np.asarray(tiles, dtype=np.int32).reshape(-1, 4)
+    crop_id = np.repeat(np.arange(len(lengths), dtype=np.int32), np.asarray(lengths, dtype=np.int64))
+    return tiles, crop_id
+
+
+def _lengths(cu_seqlens):
+    """Crop lengths as a tuple; a tensor seen before (same object, unmodified) costs no device->host copy."""
+    if torch.is_tensor(cu_seqlens):
+        hit = _CU_CACHE.get(id(cu_seqlens))
+        if hit is not None and hit[0]() is cu_seqlens and hit[1] == cu_seqlens._version:
+            return hit[2]
+        offsets = cu_seqlens.tolist()
+    else:
+        offsets = [int(x) for x in cu_seqlens]
+    lengths = tuple(b - a for a, b in zip(offsets[:-1], offsets[1:]))
+    if len(offsets) < 1 or offsets[0] != 0 or any(n < 0 for n in lengths):
+        raise ValueError(f"multicrop_attention: cu_seqlens must start at 0 and be non-decreasing, got {offsets[:8]}...")
+    if torch.is_tensor(cu_seqlens):
+        if len(_CU_CACHE) > 256:
+            for key in [key for key, val in _CU_CACHE.items() if val[0]() is None]:
+                del _CU_CACHE[key]
+        _CU_CACHE[id(cu_seqlens)] = (weakref.ref(cu_seqlens), cu_seqlens._version, lengths)
+    return lengths
+
+
+def _device_table(lengths, tile, device):
+    key = (lengths, tile, str(device))
+    hit = _TABLE_CACHE.get(key)
+    if hit is not None:
+        _TABLE_CACHE.move_to_end(key)
+        return hit
+    tiles, crop_id = build_tile_table(lengths, tile)
+    hit = (torch.from_numpy(tiles).to(device), torch.from_numpy(crop_id).to(device))
+    _TABLE_CACHE[key] = hit
+    while len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
+        _TABLE_CACHE.popitem(last=False)
+    return hit
+
+
+def default_tile(dtype, head_dim):
+    """Query rows per tile: 128 (the flash tile) for 16-bit inputs; 64 for fp32, whose registers fill twice as fast."""
+    return 128 if (dtype in (torch.float16, torch.bfloat16) or head_dim <= 32) else 64
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------------------
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _attn_fwd_kernel(Q, K, V, O, LSE, TILES, CROP,
+                         qk_scale,  # softmax scale * log2(e): the kernel works in base 2
+                         stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
+                         stride_vt, stride_vh, stride_vd, stride_ot, stride_oh, stride_od, stride_lh,
+                         head_dim, n_tiles, n_heads,
+                         TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr):
+        tile_id = tl.program_id(0)
+        head = tl.program_id(1).to(tl.int64)
+        row_lo = tl.load(TILES + tile_id * 4 + 0)
+        row_hi = tl.load(TILES + tile_id * 4 + 1)
+        key_lo = tl.load(TILES + tile_id * 4 + 2)
+        key_hi = tl.load(TILES + tile_id * 4 + 3)
+
+        rows = row_lo + tl.arange(0, TILE)
+        dims = tl.arange(0, BLOCK_D)
+        row_ok = rows < row_hi
+        dim_ok = dims < head_dim
+        rows64 = rows.to(tl.int64)
+        crop_q = tl.load(CROP + rows, mask=row_ok, other=-1)
+        q = tl.load(Q + head * stride_qh + rows64[:, None] * stride_qt + dims[None, :] * stride_qd,
+                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+
+        m_i = tl.full([TILE], float("-inf"), tl.float32)
+        l_i = tl.zeros([TILE], tl.float32)
+        acc = tl.zeros([TILE, BLOCK_D], tl.float32)
+        for start in range(key_lo, key_hi, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            col_ok = cols < key_hi
+            cols64 = cols.to(tl.int64)
+            crop_k = tl.load(CROP + cols, mask=col_ok, other=-2)
+            k = tl.load(K + head * stride_kh + cols64[:, None] * stride_kt + dims[None, :] * stride_kd,
+                        mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+            v = tl.load(V + head * stride_vh + cols64[:, None] * stride_vt + dims[None, :] * stride_vd,
+                        mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+            # block-diagonal inside the tile: a query sees only keys of its own crop (also masks padding)
+            s = tl.where(crop_q[:, None] == crop_k[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: no inf - inf
+            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only padding rows have no key at all
+        out = acc / l_safe[:, None]
+        tl.store(O + head * stride_oh + rows64[:, None] * stride_ot + dims[None, :] * stride_od,
+                 out.to(O.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+        tl.store(LSE + head * stride_lh + rows64, m_i + tl.log2(l_safe), mask=row_ok)
+
+    @triton.jit
+    def _attn_bwd_delta_kernel(O, DO, DELTA, total_tokens, head_dim,
+                               stride_ot, stride_oh, stride_od, stride_dt, stride_dh, stride_dd, stride_lh,
+                               BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+        """delta[h, t] = sum_d o[t, h, d] * do[t, h, d] in fp32 (the softmax-backward row term)."""
+        head = tl.program_id(1).to(tl.int64)
+        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        dims = tl.arange(0, BLOCK_D)
+        rows64 = rows.to(tl.int64)
+        ok = (rows < total_tokens)[:, None] & (dims < head_dim)[None, :]
+        o = tl.load(O + head * stride_oh + rows64[:, None] * stride_ot + dims[None, :] * stride_od, mask=ok, other=0.0)
+        do = tl.load(DO + head * stride_dh + rows64[:, None] * stride_dt + dims[None, :] * stride_dd, mask=ok,
+                     other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(DELTA + head * stride_lh + rows64, delta, mask=rows < total_tokens)
+
+    @triton.jit
+    def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, TILES, CROP,
+                              sm_scale, qk_scale,
+                              stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
+                              stride_vt, stride_vh, stride_vd, stride_dot, stride_doh, stride_dod,
+                              stride_gt, stride_gh, stride_gd, stride_lh,
+                              head_dim, n_tiles, n_heads,
+                              TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                              DOT_PRECISION: tl.constexpr):
+        """One program per (tile, head): the tile's rows act as keys; queries are every row of their crops, which
+        is the tile's key range again (crop-aligned tiles make the table symmetric)."""
+        tile_id = tl.program_id(0)
+        head = tl.program_id(1).to(tl.int64)
+        row_lo = tl.load(TILES + tile_id * 4 + 0)
+        row_hi = tl.load(TILES + tile_id * 4 + 1)
+        key_lo = tl.load(TILES + tile_id * 4 + 2)
+        key_hi = tl.load(TILES + tile_id * 4 + 3)
+
+        keys = row_lo + tl.arange(0, TILE)
+        dims = tl.arange(0, BLOCK_D)
+        key_ok = keys < row_hi
+        dim_ok = dims < head_dim
+        keys64 = keys.to(tl.int64)
+        crop_k = tl.load(CROP + keys, mask=key_ok, other=-1)
+        kv_mask = key_ok[:, None] & dim_ok[None, :]
+        k = tl.load(K + head * stride_kh + keys64[:, None] * stride_kt + dims[None, :] * stride_kd, mask=kv_mask,
+                    other=0.0)
+        v = tl.load(V + head * stride_vh + keys64[:, None] * stride_vt + dims[None, :] * stride_vd, mask=kv_mask,
+                    other=0.0)
+        dk = tl.zeros([TILE, BLOCK_D], tl.float32)
+        dv = tl.zeros([TILE, BLOCK_D], tl.float32)
+        for start in range(key_lo, key_hi, BLOCK_N):
+            qrows = start + tl.arange(0, BLOCK_N)
+            q_ok = qrows < key_hi
+            qrows64 = qrows.to(tl.int64)
+            crop_q = tl.load(CROP + qrows, mask=q_ok, other=-2)
+            q_mask = q_ok[:, None] & dim_ok[None, :]
+            q = tl.load(Q + head * stride_qh + qrows64[:, None] * stride_qt + dims[None, :] * stride_qd, mask=q_mask,
+                        other=0.0)
+            do = tl.load(DO + head * stride_doh + qrows64[:, None] * stride_dot + dims[None, :] * stride_dod,
+                         mask=q_mask, other=0.0)
+            lse = tl.load(LSE + head * stride_lh + qrows64, mask=q_ok, other=0.0)
+            delta = tl.load(DELTA + head * stride_lh + qrows64, mask=q_ok, other=0.0)
+            s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [keys, queries]
+            p_t = tl.exp2(tl.where(crop_k[:, None] == crop_q[None, :], s_t - lse[None, :], float("-inf")))
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+        dk *= sm_scale
+        tl.store(DK + head * stride_gh + keys64[:, None] * stride_gt + dims[None, :] * stride_gd,
+                 dk.to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(DV + head * stride_gh + keys64[:, None] * stride_gt + dims[None, :] * stride_gd,
+                 dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+    @triton.jit
+    def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, TILES, CROP,
+                            sm_scale, qk_scale,
+                            stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
+                            stride_vt, stride_vh, stride_vd, stride_dot, stride_doh, stride_dod,
+                            stride_gt, stride_gh, stride_gd, stride_lh,
+                            head_dim, n_tiles, n_heads,
+                            TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                            DOT_PRECISION: tl.constexpr):
+        """One program per (tile, head): dq of the tile's query rows, accumulated over its key range."""
+        tile_id = tl.program_id(0)
+        head = tl.program_id(1).to(tl.int64)
+        row_lo = tl.load(TILES + tile_id * 4 + 0)
+        row_hi = tl.load(TILES + tile_id * 4 + 1)
+        key_lo = tl.load(TILES + tile_id * 4 + 2)
+        key_hi = tl.load(TILES + tile_id * 4 + 3)
+
+        rows = row_lo + tl.arange(0, TILE)
+        dims = tl.arange(0, BLOCK_D)
+        row_ok = rows < row_hi
+        dim_ok = dims < head_dim
+        rows64 = rows.to(tl.int64)
+        crop_q = tl.load(CROP + rows, mask=row_ok, other=-1)
+        q_mask = row_ok[:, None] & dim_ok[None, :]
+        q = tl.load(Q + head * stride_qh + rows64[:, None] * stride_qt + dims[None, :] * stride_qd, mask=q_mask,
+                    other=0.0)
+        do = tl.load(DO + head * stride_doh + rows64[:, None] * stride_dot + dims[None, :] * stride_dod, mask=q_mask,
+                     other=0.0)
+        lse = tl.load(LSE + head * stride_lh + rows64, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + head * stride_lh + rows64, mask=row_ok, other=0.0)
+        dq = tl.zeros([TILE, BLOCK_D], tl.float32)
+        for start in range(key_lo, key_hi, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            col_ok = cols < key_hi
+            cols64 = cols.to(tl.int64)
+            crop_k = tl.load(CROP + cols, mask=col_ok, other=-2)
+            kv_mask = col_ok[:, None] & dim_ok[None, :]
+            k = tl.load(K + head * stride_kh + cols64[:, None] * stride_kt + dims[None, :] * stride_kd, mask=kv_mask,
+                        other=0.0)
+            v = tl.load(V + head * stride_vh + cols64[:, None] * stride_vt + dims[None, :] * stride_vd, mask=kv_mask,
+                        other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+            p = tl.exp2(tl.where(crop_q[:, None] == crop_k[None, :], s - lse[:, None], float("-inf")))
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        dq *= sm_scale
+        tl.store(DQ + head * stride_gh + rows64[:, None] * stride_gt + dims[None, :] * stride_gd,
+                 dq.to(DQ.dtype.element_ty), mask=q_mask)
+
+    def _gpu_configs(block_ns, warps, stages):
+        return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n in block_ns for w in warps for s in stages]
+
+    # The layout key (head_dim, n_tiles, n_heads) is static for a training run: tuning happens once per layout.
+    _TUNE_KEY = ["head_dim", "n_tiles", "n_heads"]
+    _attn_fwd_tuned = triton.autotune(_gpu_configs((32, 64, 128), (4, 8), (2, 3, 4)), key=_TUNE_KEY)(_attn_fwd_kernel)
+    _attn_bwd_dkdv_tuned = triton.autotune(_gpu_configs((16, 32, 64), (4, 8), (2, 3)), key=_TUNE_KEY)(
+        _attn_bwd_dkdv_kernel)
+    _attn_bwd_dq_tuned = triton.autotune(_gpu_configs((16, 32, 64), (4, 8), (2, 3)), key=_TUNE_KEY)(
+        _attn_bwd_dq_kernel)
+
+_LOG2E = 1.4426950408889634
+_INTERPRET_BLOCK_N = 16  # one config under TRITON_INTERPRET=1
+
+
+def _block_d(head_dim):
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _precision(dtype):
+    # fp32 inputs get true fp32 products (no TF32), like the fp32 torch reference they are compared with
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _meta(block_n):
+    """Explicit meta-parameters (interpreter, or a caller pinning BLOCK_N) or None to autotune."""
+    if block_n is not None:
+        return {"BLOCK_N": block_n}
+    if interpreting():
+        return {"BLOCK_N": _INTERPRET_BLOCK_N}
+    return None
+
+
+def _launch(tuned, plain, grid, args, consts, block_n):
+    meta = _meta(block_n)
+    if meta is None:
+        tuned[grid](*args, **consts)
+    else:
+        plain[grid](*args, **consts, **meta)
+
+
+def _attn_forward(q, k, v, tiles, crop_id, scale, tile, block_n=None):
+    total, heads, head_dim = q.shape
+    o = torch.empty((total, heads, head_dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((heads, total), dtype=torch.float32, device=q.device)
+    n_tiles = tiles.shape[0]
+    if n_tiles == 0 or heads == 0:
+        return o, lse
+    args = (q, k, v, o, lse, tiles, crop_id, scale * _LOG2E, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+            lse.stride(0), head_dim, n_tiles, heads)
+    consts = dict(TILE=tile, BLOCK_D=_block_d(head_dim), DOT_PRECISION=_precision(q.dtype))
+    _launch(_attn_fwd_tuned, _attn_fwd_kernel, (n_tiles, heads), args, consts, block_n)
+    return o, lse
+
+
+def _attn_backward(do, q, k, v, o, lse, tiles, crop_id, scale, tile, block_n=None):
+    total, heads, head_dim = q.shape
+    dq = torch.empty((total, heads, head_dim), dtype=q.dtype, device=q.device)
+    dk = torch.empty_like(dq)
+    dv = torch.empty_like(dq)
+    n_tiles = tiles.shape[0]
+    if n_tiles == 0 or heads == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    block_d = _block_d(head_dim)
+    delta = torch.empty_like(lse)
+    block_t = 64 if not interpreting() else 128
+    _attn_bwd_delta_kernel[(triton.cdiv(total, block_t), heads)](
+        o, do, delta, total, head_dim, *o.stride(), *do.stride(), delta.stride(0), BLOCK_T=block_t, BLOCK_D=block_d)
+    common = (scale, scale * _LOG2E, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+              lse.stride(0), head_dim, n_tiles, heads)
+    consts = dict(TILE=tile, BLOCK_D=block_d, DOT_PRECISION=_precision(q.dtype))
+    _launch(_attn_bwd_dkdv_tuned, _attn_bwd_dkdv_kernel, (n_tiles, heads),
+            (q, k, v, do, dk, dv, lse, delta, tiles, crop_id, *common), consts, block_n)
+    _launch(_attn_bwd_dq_tuned, _attn_bwd_dq_kernel, (n_tiles, heads),
+            (q, k, v, do, dq, lse, delta, tiles, crop_id, *common), consts, block_n)
+    return dq, dk, dv
+
+
+class _MultiCropAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, tiles, crop_id, scale, tile, block_n):
+        o, lse = _attn_forward(q, k, v, tiles, crop_id, scale, tile, block_n)
+        ctx.save_for_backward(q, k, v, o, lse, tiles, crop_id)
+        ctx.scale, ctx.tile, ctx.block_n = scale, tile, block_n
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, tiles, crop_id = ctx.saved_tensors
+        dq, dk, dv = _attn_backward(do, q, k, v, o, lse, tiles, crop_id, ctx.scale, ctx.tile, ctx.block_n)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def multicrop_attention_triton(q, k, v, cu_seqlens, max_seqlen=None, scale=None, *, tile=None, block_n=None):
+    """The Triton path (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1).
+
+    tile: query rows per tile (default `default_tile`); block_n: pin the inner block size instead of autotuning
+    (tests and benchmarks). max_seqlen is accepted for flash-attn compatibility and not needed: the tile table
+    knows every crop length.
+    """
+    if not triton_available():
+        raise RuntimeError("multicrop_attention_triton: triton is not importable")
+    if q.dim() != 3 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"multicrop_attention: q, k, v must all be [total_tokens, heads, head_dim], got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"multicrop_attention (triton): q, k, v must share one of float16/bfloat16/float32, got "
+                         f"{q.dtype}/{k.dtype}/{v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"multicrop_attention: q, k, v on different devices {q.device}/{k.device}/{v.device}")
+    head_dim = q.shape[2]
+    if head_dim > 128:
+        raise ValueError(f"multicrop_attention (triton): head_dim {head_dim} > 128 is not supported; use "
+                         "CELLDINO_KERNELS=torch")
+    lengths = _lengths(cu_seqlens)
+    if sum(lengths) != q.shape[0]:
+        raise ValueError(f"multicrop_attention: cu_seqlens ends at {sum(lengths)} but q has {q.shape[0]} tokens")
+    tile = tile or default_tile(q.dtype, head_dim)
+    tiles, crop_id = _device_table(lengths, tile, q.device)
+    scale = float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
+    return _MultiCropAttention.apply(q, k, v, tiles, crop_id, scale, tile, block_n)
+
+
+def triton_supported(q):
+    """Whether the Triton path handles these inputs (dtype and head_dim); auto dispatch falls back otherwise."""
+    return q.dtype in (torch.float16, torch.bfloat16, torch.float32) and q.dim() == 3 and q.shape[-1] <= 128
+
+
 def multicrop_attention(q, k, v, cu_seqlens, max_seqlen=None, scale=None):
     """Block-diagonal attention: each crop of the packed stream attends only to itself."""
-    if use_triton(q, k, v):
-        from . import attention_triton  # noqa: F401  (provided by the kernels work)
-        return attention_triton.multicrop_attention_triton(q, k, v, cu_seqlens, max_seqlen, scale)
+    if use_triton(q, k, v) and (triton_supported(q) or _forced_triton()):
+        return multicrop_attention_triton(q, k, v, cu_seqlens, max_seqlen, scale)
     return multicrop_attention_reference(q, k, v, cu_seqlens, scale)
+
+
+def _forced_triton():
+    from ._dispatch import backend
+    return backend() == "triton"
