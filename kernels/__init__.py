@@ -6,7 +6,7 @@ dispatcher (see `_dispatch`): Triton on CUDA tensors, the reference elsewhere, o
 """
 from ._dispatch import backend, set_backend
 from .attention import multicrop_attention
-from .koleo import koleo_loss
+from .koleo import koleo_loss, koleo_loss_distributed
 from .sinkhorn import sinkhorn_knopp
 
-__all__ = ["multicrop_attention", "sinkhorn_knopp", "koleo_loss", "backend", "set_backend"]
+__all__ = ["multicrop_attention", "sinkhorn_knopp", "koleo_loss", "koleo_loss_distributed", "backend", "set_backend"]
