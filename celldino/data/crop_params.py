@@ -28,7 +28,7 @@ Channels beyond an image's own channel count (C < Cmax in a mixed batch) get bri
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -232,38 +232,56 @@ def self_normalize(x: torch.Tensor, eps: float = SELF_NORM_EPS) -> torch.Tensor:
     return out.masked_fill(constant, 0.0)
 
 
-def apply_crop_params_torch(image: torch.Tensor, params: CropParams, i: int, normalize: bool = True) -> torch.Tensor:
+def apply_crop_params_torch(
+    image: torch.Tensor,
+    params: CropParams,
+    i: int,
+    normalize: bool = True,
+    channel_max: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Row i of `params` applied to `image` (the row's source image, float, already intensity-scaled, C x H x W)
-    with plain torch / torchvision, in the reference order. Returns a new float32 [C, S, S] tensor."""
+    with plain torch / torchvision, in the reference order. Returns a new float32 [C, S, S] tensor.
+
+    channel_max: optional per-channel maxima of `image` (shared by all crops of one image). The channel drop
+    and protein scaling are elementwise, so they are applied to the crop box only (same values as applying
+    them to the whole image first); only the protein step's "max of the whole image" needs the full image.
+    """
     if image.ndim != 3:
         raise ValueError(f"expected a C x H x W image, got shape {tuple(image.shape)}")
-    x = image.to(torch.float32).clone()
-    c = x.shape[0]
+    c = image.shape[0]
+    top, left, h, w = (int(v) for v in params.box[i])
+    if top < 0 or left < 0 or h < 1 or w < 1 or top + h > image.shape[1] or left + w > image.shape[2]:
+        raise ValueError(f"crop {i}: box {(top, left, h, w)} outside the image of shape {tuple(image.shape)}")
+    x = image[:, top : top + h, left : left + w].to(torch.float32, copy=True)
     drop = int(params.drop_channel[i])
+    if drop >= c:
+        raise ValueError(f"crop {i}: drop_channel {drop} but the image has {c} channels")
     if drop >= 0:
-        if drop >= c:
-            raise ValueError(f"crop {i}: drop_channel {drop} but the image has {c} channels")
         x[drop] = 0.0
     factor = float(params.protein_factor[i])
     pc = params.protein_channel
     if factor >= 0 and c > 1 and pc < c:
-        peak = x.max()
+        cmax = image.to(torch.float32).amax(dim=(1, 2)) if channel_max is None else channel_max.to(torch.float32)
+        if drop >= 0:
+            cmax = cmax.clone()
+            cmax[drop] = 0.0
+        peak = cmax.max()
         if peak != 0:
             # reference: img[1] = img[1] * (U(0,2) / img.max()), the quotient a float32 0-d tensor
             x[pc] = x[pc] * (torch.tensor(factor, dtype=torch.float32) / peak)
-    top, left, h, w = (int(v) for v in params.box[i])
     s = int(params.out_size[i])
     # antialias=False: the reference's torchvision 0.15 never antialiases tensors in RandomResizedCrop.
-    x = TF.resized_crop(x, top, left, h, w, [s, s], interpolation=InterpolationMode.BILINEAR, antialias=False)
+    x = TF.resize(x, [s, s], interpolation=InterpolationMode.BILINEAR, antialias=False)
     if params.flip[i, 0]:
         x = x.flip(-1)
     if params.flip[i, 1]:
         x = x.flip(-2)
     bright = torch.from_numpy(params.brightness[i, :c].copy()).view(c, 1, 1)
     contr = torch.from_numpy(params.contrast[i, :c].copy()).view(c, 1, 1)
+    # (1 - f) rounded from float64 to float32, as torch does for a Python-float scalar
+    one_minus = torch.from_numpy((1.0 - params.contrast[i, :c].astype(np.float64)).astype(np.float32)).view(c, 1, 1)
     x = (x * bright).clamp_(0.0, 1.0)
     mean = x.mean(dim=(-2, -1), keepdim=True)
-    one_minus = torch.from_numpy((1.0 - params.contrast[i, :c].astype(np.float64)).astype(np.float32)).view(c, 1, 1)
     x = (contr * x + one_minus * mean).clamp_(0.0, 1.0)
     return self_normalize(x) if normalize else x
 
@@ -272,4 +290,9 @@ def apply_all_crop_params_torch(images: Sequence[torch.Tensor], params: CropPara
     """Every row of `params` applied to images[params.image_index[row]]: a list of N crops, crop-major."""
     if len(images) != params.n_images:
         raise ValueError(f"params were sampled for {params.n_images} images, got {len(images)}")
-    return [apply_crop_params_torch(images[int(params.image_index[i])], params, i) for i in range(len(params))]
+    images = [img.to(torch.float32) for img in images]
+    maxima = [img.amax(dim=(1, 2)) for img in images]
+    return [
+        apply_crop_params_torch(images[j], params, i, channel_max=maxima[j])
+        for i, j in enumerate(params.image_index.tolist())
+    ]
