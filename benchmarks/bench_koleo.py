@@ -1,0 +1,69 @@
+"""KoLeo micro-benchmark: fused Triton forward/backward vs the reference torch code, same run, same device.
+
+KoLeo is launch-bound at the Cell-DINO batch (16 per GPU): these rows are a micro-benchmark, not an end-to-end
+claim (anchors.md §A4). Shapes (GPU): B in 16..4096, D in 384..2048, fp32 and bf16, modes fwd and fwd+bwd.
+Providers: `reference` (celldino.kernels.koleo_loss_reference, the DINOv2 code; the baseline) and `triton`.
+TFLOP/s counts the x x^T matmul (2 B^2 D) for fwd and the same for fwd+bwd (the backward is O(B D)).
+
+    python -m benchmarks.run_all koleo             # CSV -> benchmarks/results/koleo.csv
+"""
+import torch
+
+from . import common
+
+
+def add_arguments(parser):
+    parser.add_argument("--koleo-batch", type=int, nargs="*", default=None, help="batch sizes (GPU default "
+                        "16 64 256 1024 4096)")
+
+
+def _shapes(args, on_gpu):
+    if not on_gpu or getattr(args, "quick", False):
+        return [(16, 384), (48, 128)], [torch.float32]  # smoke sizes (interpreter-friendly)
+    batches = getattr(args, "koleo_batch", None) or [16, 64, 256, 1024, 4096]
+    shapes = [(b, d) for b in batches for d in (384, 1024, 2048)]
+    return shapes, [torch.float32, torch.bfloat16]
+
+
+def _providers(device):
+    from celldino.kernels import _dispatch
+    from celldino.kernels import koleo as ko
+    providers = [("reference", ko.koleo_loss_reference)]
+    if ko.triton is not None and (device.type == "cuda" or _dispatch.interpreting()):
+        providers.append(("triton", ko.koleo_loss_triton))
+    return providers
+
+
+def run(args):
+    on_gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if on_gpu else "cpu")
+    shapes, dtypes = _shapes(args, on_gpu)
+    providers = _providers(device)
+    note = "" if any(p == "triton" for p, _ in providers) else \
+        "triton needs CUDA (or TRITON_INTERPRET=1 before import); reference only"
+    rows = []
+    for B, D in shapes:
+        for dtype in dtypes:
+            torch.manual_seed(0)
+            x = torch.randn(B, D, device=device).to(dtype).requires_grad_(True)
+            flops = 2.0 * B * B * D
+            for mode in ("fwd", "fwd+bwd"):
+                baseline_ms = None
+                for name, fn in providers:
+                    if mode == "fwd":
+                        call = lambda fn=fn: fn(x.detach())  # noqa: E731
+                    else:
+                        def call(fn=fn):
+                            x.grad = None
+                            fn(x).backward()
+                    timing = common.bench(call, warmup=1 if not on_gpu else 3, rep=3 if not on_gpu else 10,
+                                          device=device)
+                    peak = common.peak_memory_mb(call, device)
+                    if name == "reference":
+                        baseline_ms = timing[0]
+                    rows.append(common.row("koleo", "koleo", name, f"{B}x{D}", dtype, mode, timing, flops=flops,
+                                           peak_mem_mb=peak, baseline="reference", baseline_ms=baseline_ms,
+                                           device=device, note=note))
+                print(f"  koleo {B}x{D} {dtype} {mode}: " + ", ".join(
+                    f"{r['provider']} {r['median_ms']} ms" for r in rows[-len(providers):]), flush=True)
+    return rows
