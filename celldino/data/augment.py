@@ -11,7 +11,6 @@ them with `apply_crop_params_torch`, the same functions the fused C++/CUDA kerne
 from __future__ import annotations
 
 import logging
-import os
 from typing import Optional, Sequence
 
 import numpy as np
@@ -20,40 +19,11 @@ from torchvision import transforms
 
 from .crop_params import CropParams, apply_crop_params_torch, sample_crop_params
 from .intensity import IntensityScale, parse_intensity_scale, scale_intensity
+from .rng import ProcessLocalRNG
 
 logger = logging.getLogger("celldino")
 
 __all__ = ["CellAugmentationDINO", "DataAugmentationDINO", "ProcessLocalRNG", "GaussianBlur"]
-
-
-class ProcessLocalRNG:
-    """A numpy Generator that is re-created in every process (DataLoader worker) that uses it.
-
-    A Generator built in the main process and copied into forked workers would make every worker draw the
-    same crops (the same problem the reference has with np.random). Here each process gets its own stream:
-    seeded from (seed, worker seed) when a seed is given - reproducible, since our loaders seed workers from
-    a seeded torch generator - and from fresh entropy (mixed with the worker seed) otherwise."""
-
-    def __init__(self, seed: Optional[int] = None):
-        self.seed = seed
-        self._pid = None
-        self._rng = None
-
-    def get(self) -> np.random.Generator:
-        pid = os.getpid()
-        if self._rng is None or self._pid != pid:
-            info = torch.utils.data.get_worker_info()
-            worker_seed = [] if info is None else [int(info.seed) % (2**63)]
-            if self.seed is not None:
-                entropy = [int(self.seed)] + worker_seed
-            else:
-                entropy = worker_seed or None  # None: fresh OS entropy in the main process
-            self._rng = np.random.default_rng(entropy)
-            self._pid = pid
-        return self._rng
-
-    def __getstate__(self):  # workers started with spawn re-seed from scratch too
-        return {"seed": self.seed, "_pid": None, "_rng": None}
 
 
 class CellAugmentationDINO:

@@ -1,0 +1,233 @@
+"""Common machinery of every celldino dataset: decoding, channel handling, bag-of-channels, bad-input policy.
+
+An item is (image, target): image a C x H x W torch tensor holding exactly the decoded values with the file's
+dtype (uint8, uint16, int16, int32, uint32, float16/32/64: torch has all of them, so nothing is widened or
+rescaled), then `transform(image)` and `target_transform(target)` when given.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import multiprocessing.context
+import os
+from typing import Any, Callable, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..io import ImageReadError, probe_image, read_image_and_names
+
+logger = logging.getLogger("celldino")
+
+__all__ = ["DatasetError", "ImageDataset", "SkipCounter", "ON_ERROR", "parse_bool", "parse_list"]
+
+ON_ERROR = ("raise", "skip")
+_MAX_CONSECUTIVE_SKIPS = 100
+
+
+class DatasetError(ValueError):
+    """A dataset cannot be built or used: the message names the file / key and what was expected."""
+
+
+def parse_bool(value, key: str = "value") -> bool:
+    if isinstance(value, bool):
+        return value
+    s = str(value).strip().lower()
+    if s in ("1", "true", "yes", "on", "y"):
+        return True
+    if s in ("0", "false", "no", "off", "n", ""):
+        return False
+    raise DatasetError(f"{key}={value!r}: expected true or false")
+
+
+def parse_list(value) -> Optional[list]:
+    """'a,b,c' -> ['a', 'b', 'c']; lists pass through; None / '' -> None."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    items = [v.strip() for v in str(value).split(",") if v.strip()]
+    return items or None
+
+
+class SkipCounter:
+    """Number of items skipped because their file was unreadable, shared by the DataLoader workers (a
+    multiprocessing Value inherited by fork / spawn), so the trainer can report it from the main process."""
+
+    def __init__(self):
+        self._value = multiprocessing.Value("q", 0)
+        self._local = 0
+
+    def increment(self) -> None:
+        if self._value is not None:
+            with self._value.get_lock():
+                self._value.value += 1
+        else:
+            self._local += 1
+
+    @property
+    def value(self) -> int:
+        return int(self._value.value) if self._value is not None else self._local
+
+    def __getstate__(self):
+        # a shared Value can only travel to a process being started; any other pickling gets a local count
+        spawning = multiprocessing.context.get_spawning_popen() is not None
+        return {"_value": self._value if spawning else None, "_local": self.value if not spawning else self._local}
+
+    def __int__(self) -> int:
+        return self.value
+
+
+class ImageDataset(Dataset):
+    """Base class: subclasses fill `self._paths` (absolute file paths) and `self._targets` (one per path),
+    optionally `self._row_channel_names` (per-path names), then call `self._finalize()`.
+
+    read options: channels (selection / order by index or name), channel_names (names of the stored
+    channels, when the files carry none), layout ("auto" | "strip" | "chw" | "hwc"), tiles (strip tile count).
+    in_chans: required channel count after selection (a clear error otherwise).
+    separate_channels: bag-of-channels; item k is channel k // N of image k % N (length C * N), each item one
+    real channel [1, H, W]; the target is the image's target.
+    on_error: "raise" (default) or "skip": an unreadable / invalid file is logged, counted in `skipped`
+    and replaced by the next readable item.
+    """
+
+    name = "ImageDataset"
+
+    def __init__(
+        self,
+        *,
+        transform: Optional[Callable] = None,
+        target_transform: Optional[Callable] = None,
+        channels: Optional[Sequence] = None,
+        channel_names: Optional[Sequence[str]] = None,
+        layout: str = "auto",
+        tiles: Optional[int] = None,
+        in_chans: Optional[int] = None,
+        separate_channels: bool = False,
+        on_error: str = "raise",
+    ):
+        if on_error not in ON_ERROR:
+            raise DatasetError(f"on_error={on_error!r}: expected one of {ON_ERROR}")
+        self.transform = transform
+        self.target_transform = target_transform
+        self.channels = list(channels) if channels is not None else None
+        self.channel_names = list(channel_names) if channel_names is not None else None
+        self.layout = layout
+        self.tiles = int(tiles) if tiles is not None else None
+        self.in_chans = int(in_chans) if in_chans is not None else None
+        self.separate_channels = bool(separate_channels)
+        self.on_error = on_error
+        self.skipped = SkipCounter()
+        self._paths: List[str] = []
+        self._targets: List[Any] = []
+        self._row_channel_names: Optional[List[Optional[List[str]]]] = None
+        self._n_channels: Optional[int] = None
+
+    # -- construction -------------------------------------------------------------------------------------
+
+    def _finalize(self, source: str) -> None:
+        if len(self._paths) != len(self._targets):
+            raise RuntimeError(f"{self.name}: {len(self._paths)} paths but {len(self._targets)} targets")
+        if not self._paths:
+            raise DatasetError(f"{self.name}: no images found ({source})")
+        if self.separate_channels:
+            self._n_channels = self._channels_per_image()
+
+    def _channels_per_image(self) -> int:
+        """Channel count used for bag-of-channels indexing: from the selection, in_chans, or the first file."""
+        if self.channels is not None:
+            return len(self.channels)
+        if self.in_chans is not None:
+            return self.in_chans
+        try:
+            info = probe_image(self._paths[0], layout=self.layout, tiles=self.tiles)
+        except ImageReadError as e:
+            raise DatasetError(f"{self.name}: cannot determine the channel count for separate channels: {e}") from None
+        return info.shape[0]
+
+    # -- access ---------------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        n = len(self._paths)
+        return n * self._n_channels if self.separate_channels else n
+
+    @property
+    def num_images(self) -> int:
+        return len(self._paths)
+
+    def locate(self, index: int):
+        """index -> (image index, channel index or None)."""
+        n = len(self._paths)
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"{self.name}: index {index} out of range for length {len(self)}")
+        if self.separate_channels:
+            return index % n, index // n
+        return index, None
+
+    def image_path(self, index: int) -> str:
+        return self._paths[self.locate(index)[0]]
+
+    def read_array(self, index: int) -> np.ndarray:
+        """Decoded C x H x W numpy array of item `index` (after channel selection / bag-of-channels)."""
+        i, channel = self.locate(index)
+        path = self._paths[i]
+        names = self.channel_names
+        if self._row_channel_names is not None and self._row_channel_names[i] is not None:
+            names = self._row_channel_names[i]
+        arr, _ = read_image_and_names(
+            path, self.channels, channel_names=names, layout=self.layout, tiles=self.tiles
+        )
+        if self.in_chans is not None and arr.shape[0] != self.in_chans:
+            raise ImageReadError(path, f"expected {self.in_chans} channels (in_chans), the image has {arr.shape[0]}")
+        if channel is not None:
+            if channel >= arr.shape[0]:
+                raise ImageReadError(
+                    path, f"separate channels: expected at least {channel + 1} channels, the image has {arr.shape[0]}"
+                )
+            arr = arr[channel : channel + 1]
+        return arr
+
+    def get_target(self, index: int) -> Any:
+        return self._targets[self.locate(index)[0]]
+
+    def get_targets(self) -> np.ndarray:
+        targets = self._targets
+        if self.separate_channels:
+            targets = list(targets) * self._n_channels
+        try:
+            return np.array(targets)
+        except ValueError:
+            return np.array(targets, dtype=object)
+
+    def _load(self, index: int):
+        image = torch.from_numpy(self.read_array(index))
+        target = self.get_target(index)
+        if self.transform is not None:
+            image = self.transform(image)
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return image, target
+
+    def __getitem__(self, index: int):
+        if self.on_error == "raise":
+            return self._load(index)
+        n = len(self)
+        for attempt in range(min(n, _MAX_CONSECUTIVE_SKIPS)):
+            j = (index + attempt) % n
+            try:
+                return self._load(j)
+            except ImageReadError as e:
+                self.skipped.increment()
+                logger.warning("%s: skipping item %d (%s); %d skipped so far", self.name, j, e, self.skipped.value)
+        raise DatasetError(
+            f"{self.name}: {min(n, _MAX_CONSECUTIVE_SKIPS)} consecutive unreadable items from index {index}; "
+            f"last file {self.image_path((index + min(n, _MAX_CONSECUTIVE_SKIPS) - 1) % n)}"
+        )
+
+    def __repr__(self) -> str:
+        extra = f", separate channels x{self._n_channels}" if self.separate_channels else ""
+        return f"{self.name}({len(self._paths)} images{extra}, on_error={self.on_error})"
