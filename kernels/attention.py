@@ -23,6 +23,7 @@ atomics (deterministic).
 import math
 import weakref
 from collections import OrderedDict
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -77,26 +78,45 @@ def multicrop_attention_reference(q, k, v, cu_seqlens, scale=None):
 # tile table: which query rows and which keys each program handles
 # ----------------------------------------------------------------------------------------------------------------
 
-_TABLE_CACHE = OrderedDict()  # (lengths, tile, device) -> (tiles, crop_id)
+FUSED_BWD_MAX_TILES = 4  # crops up to this many tiles (512 tokens at tile 128) get the one-program backward
+
+_TABLE_CACHE = OrderedDict()  # (lengths, tile, device) -> TileTable
 _TABLE_CACHE_SIZE = 64
 _CU_CACHE = {}  # id(cu_seqlens tensor) -> (weakref, version, lengths): skips .tolist() for a reused tensor
 
 
-def build_tile_table(lengths, tile):
-    """Host-side tile table for crops of `lengths` laid out back to back.
+class TileTable(NamedTuple):
+    """Work lists of one crop layout (numpy on the host, int32 tensors on the device).
 
-    Returns (tiles, crop_id): tiles int32 [n_tiles, 4] = (row_lo, row_hi, key_lo, key_hi), each tile holding at
-    most `tile` consecutive query rows, whose keys all lie in [key_lo, key_hi); crop_id int32 [total_tokens].
-    Whole crops of <= tile tokens are packed greedily into shared tiles (rows == keys == the packed crops); a
-    longer crop gets its own ceil(n / tile) tiles, each reading the whole crop as keys. Tiles are ordered by
-    decreasing key count so the longest programs start first (longest-processing-time scheduling).
+    tiles [n, 5]      forward: (row_lo, row_hi, key_lo, key_hi, single_crop); at most `tile` query rows whose
+                      keys all lie in [key_lo, key_hi); single_crop = 1 when every row belongs to one crop (so
+                      full key blocks need no mask).
+    groups [g, 2]     fused backward: crop-closed row ranges (rows == keys): a packed tile, or one crop of up to
+                      FUSED_BWD_MAX_TILES tiles. One program computes dq, dk and dv of the whole group.
+    long_tiles [m, 5] split backward (dk/dv and dq kernels, per tile) for crops longer than that.
+    crop_id [T]       crop index of every token.
     """
-    tiles = []
+    tiles: object
+    groups: object
+    long_tiles: object
+    crop_id: object
+    max_group: int  # rows of the largest fused group (> the key tile: dq is accumulated in an fp32 scratch)
+
+
+def build_tile_table(lengths, tile, fused_max_tiles=FUSED_BWD_MAX_TILES):
+    """Host-side TileTable for crops of `lengths` laid out back to back.
+
+    Whole crops of <= tile tokens are packed greedily into shared tiles (rows == keys == the packed crops); a
+    longer crop gets its own ceil(n / tile) tiles, each reading the whole crop as keys. Work lists are ordered by
+    decreasing cost so the longest programs start first (longest-processing-time scheduling).
+    """
+    tiles, groups, long_tiles = [], [], []
     offset = 0
-    open_lo = None  # first row of the packed tile being filled
+    open_lo, open_crops = None, 0  # first row and crop count of the packed tile being filled
 
     def close(end):
-        tiles.append((open_lo, end, open_lo, end))
+        tiles.append((open_lo, end, open_lo, end, int(open_crops == 1)))
+        groups.append((open_lo, end))
 
     for n in lengths:
         n = int(n)
@@ -106,21 +126,30 @@ def build_tile_table(lengths, tile):
             if open_lo is not None:
                 close(offset)
                 open_lo = None
-            for r in range(offset, offset + n, tile):
-                tiles.append((r, min(r + tile, offset + n), offset, offset + n))
+            own = [(r, min(r + tile, offset + n), offset, offset + n, 1) for r in range(offset, offset + n, tile)]
+            tiles.extend(own)
+            if len(own) <= fused_max_tiles:
+                groups.append((offset, offset + n))
+            else:
+                long_tiles.extend(own)
         else:
             if open_lo is not None and offset + n - open_lo > tile:
                 close(offset)
                 open_lo = None
             if open_lo is None:
-                open_lo = offset
+                open_lo, open_crops = offset, 0
+            open_crops += 1
         offset += n
     if open_lo is not None:
         close(offset)
-    tiles.sort(key=lambda t: t[3] - t[2], reverse=True)  # stable: ties keep stream order
-    tiles = np.asarray(tiles, dtype=np.int32).reshape(-1, 4)
+    # stable sorts: ties keep stream order
+    tiles.sort(key=lambda t: t[3] - t[2], reverse=True)
+    long_tiles.sort(key=lambda t: t[3] - t[2], reverse=True)
+    groups.sort(key=lambda g: -(-(g[1] - g[0]) // tile) * (g[1] - g[0]), reverse=True)
     crop_id = np.repeat(np.arange(len(lengths), dtype=np.int32), np.asarray(lengths, dtype=np.int64))
-    return tiles, crop_id
+    return TileTable(np.asarray(tiles, dtype=np.int32).reshape(-1, 5), np.asarray(groups, dtype=np.int32).reshape(-1, 2),
+                     np.asarray(long_tiles, dtype=np.int32).reshape(-1, 5), crop_id,
+                     max((hi - lo for lo, hi in groups), default=0))
 
 
 def _lengths(cu_seqlens):
@@ -149,8 +178,14 @@ def _device_table(lengths, tile, device):
     if hit is not None:
         _TABLE_CACHE.move_to_end(key)
         return hit
-    tiles, crop_id = build_tile_table(lengths, tile)
-    hit = (torch.from_numpy(tiles).to(device), torch.from_numpy(crop_id).to(device))
+    host = build_tile_table(lengths, tile)
+    # one host->device copy for all four arrays
+    flat = np.concatenate([host.tiles.ravel(), host.groups.ravel(), host.long_tiles.ravel(), host.crop_id])
+    dev = torch.from_numpy(flat).to(device)
+    sizes = [host.tiles.size, host.groups.size, host.long_tiles.size, host.crop_id.size]
+    parts = torch.split(dev, sizes)
+    hit = TileTable(parts[0].view(-1, 5), parts[1].view(-1, 2), parts[2].view(-1, 5), parts[3],
+                    host.max_group)
     _TABLE_CACHE[key] = hit
     while len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
         _TABLE_CACHE.popitem(last=False)
@@ -171,24 +206,59 @@ if triton_available():
     import triton.language as tl
 
     @triton.jit
+    def _fwd_key_blocks(acc, l_i, m_i, q, crop_q, K, V, CROP, head, start_lo, start_hi, key_hi, qk_scale,
+                        stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
+                        HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
+        """Online-softmax update over key blocks [start_lo, start_hi). MASKED=False: every key is valid for
+        every row (full blocks of a single-crop tile), so the score mask is skipped."""
+        dims = tl.arange(0, BLOCK_D)
+        dim_ok = dims < HEAD_DIM
+        for start in range(start_lo, start_hi, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            col_ok = cols < key_hi
+            cols64 = cols.to(tl.int64)
+            k = tl.load(K + head * stride_kh + cols64[:, None] * stride_kt + dims[None, :] * stride_kd,
+                        mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+            v = tl.load(V + head * stride_vh + cols64[:, None] * stride_vt + dims[None, :] * stride_vd,
+                        mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+            if MASKED:
+                # block-diagonal inside the tile: a query sees only keys of its own crop (also masks padding)
+                crop_k = tl.load(CROP + cols, mask=col_ok, other=-2)
+                s = tl.where(crop_q[:, None] == crop_k[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: no inf - inf
+            else:
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_safe = m_new
+            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+        return acc, l_i, m_i
+
+    @triton.jit
     def _attn_fwd_kernel(Q, K, V, O, LSE, TILES, CROP,
                          qk_scale,  # softmax scale * log2(e): the kernel works in base 2
                          stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
                          stride_vt, stride_vh, stride_vd, stride_ot, stride_oh, stride_od, stride_lh,
-                         head_dim, n_tiles, n_heads,
-                         TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         DOT_PRECISION: tl.constexpr):
+                         n_tiles, n_heads,
+                         HEAD_DIM: tl.constexpr, TILE: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
         tile_id = tl.program_id(0)
         head = tl.program_id(1).to(tl.int64)
-        row_lo = tl.load(TILES + tile_id * 4 + 0)
-        row_hi = tl.load(TILES + tile_id * 4 + 1)
-        key_lo = tl.load(TILES + tile_id * 4 + 2)
-        key_hi = tl.load(TILES + tile_id * 4 + 3)
+        row_lo = tl.load(TILES + tile_id * 5 + 0)
+        row_hi = tl.load(TILES + tile_id * 5 + 1)
+        key_lo = tl.load(TILES + tile_id * 5 + 2)
+        key_hi = tl.load(TILES + tile_id * 5 + 3)
+        single_crop = tl.load(TILES + tile_id * 5 + 4)
 
         rows = row_lo + tl.arange(0, TILE)
         dims = tl.arange(0, BLOCK_D)
         row_ok = rows < row_hi
-        dim_ok = dims < head_dim
+        dim_ok = dims < HEAD_DIM
         rows64 = rows.to(tl.int64)
         crop_q = tl.load(CROP + rows, mask=row_ok, other=-1)
         q = tl.load(Q + head * stride_qh + rows64[:, None] * stride_qt + dims[None, :] * stride_qd,
@@ -197,25 +267,14 @@ if triton_available():
         m_i = tl.full([TILE], float("-inf"), tl.float32)
         l_i = tl.zeros([TILE], tl.float32)
         acc = tl.zeros([TILE, BLOCK_D], tl.float32)
-        for start in range(key_lo, key_hi, BLOCK_N):
-            cols = start + tl.arange(0, BLOCK_N)
-            col_ok = cols < key_hi
-            cols64 = cols.to(tl.int64)
-            crop_k = tl.load(CROP + cols, mask=col_ok, other=-2)
-            k = tl.load(K + head * stride_kh + cols64[:, None] * stride_kt + dims[None, :] * stride_kd,
-                        mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-            v = tl.load(V + head * stride_vh + cols64[:, None] * stride_vt + dims[None, :] * stride_vd,
-                        mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-            # block-diagonal inside the tile: a query sees only keys of its own crop (also masks padding)
-            s = tl.where(crop_q[:, None] == crop_k[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: no inf - inf
-            p = tl.exp2(s - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
+        # single-crop tile: its full key blocks are unmasked (padding rows compute finite garbage, never stored)
+        full_hi = key_lo + tl.where(single_crop != 0, (key_hi - key_lo) // BLOCK_N, 0) * BLOCK_N
+        acc, l_i, m_i = _fwd_key_blocks(acc, l_i, m_i, q, crop_q, K, V, CROP, head, key_lo, full_hi, key_hi,
+                                        qk_scale, stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
+                                        HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION, False)
+        acc, l_i, m_i = _fwd_key_blocks(acc, l_i, m_i, q, crop_q, K, V, CROP, head, full_hi, key_hi, key_hi,
+                                        qk_scale, stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
+                                        HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION, True)
 
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only padding rows have no key at all
         out = acc / l_safe[:, None]
@@ -224,15 +283,84 @@ if triton_available():
         tl.store(LSE + head * stride_lh + rows64, m_i + tl.log2(l_safe), mask=row_ok)
 
     @triton.jit
-    def _attn_bwd_delta_kernel(O, DO, DELTA, total_tokens, head_dim,
+    def _attn_bwd_fused_kernel(Q, K, V, O, DO, DQ, DK, DV, DQ_ACC, LSE, GROUPS, CROP,
+                               sm_scale, qk_scale,
+                               stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
+                               stride_vt, stride_vh, stride_vd, stride_ot, stride_oh, stride_od,
+                               stride_dot, stride_doh, stride_dod, stride_gt, stride_gh, stride_gd,
+                               stride_at, stride_ah, stride_ad, stride_lh,
+                               n_groups, n_heads,
+                               HEAD_DIM: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                               BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        """One program per (group, head) computes dq, dk and dv of a crop-closed group (rows == keys): five
+        matmuls per block, no recomputation, no atomics, delta = rowsum(dO * O) computed in place.
+
+        Outer loop: key tiles of BLOCK_K rows (dk, dv accumulate in registers); inner loop: query blocks of
+        BLOCK_N rows. dq of a query block gets one term per key tile: a one-tile group stores it at once, a
+        longer group adds it up in DQ_ACC (fp32, written and read back only by this program)."""
+        group_id = tl.program_id(0)
+        head = tl.program_id(1).to(tl.int64)
+        lo = tl.load(GROUPS + group_id * 2 + 0)
+        hi = tl.load(GROUPS + group_id * 2 + 1)
+        dims = tl.arange(0, BLOCK_D)
+        dim_ok = dims < HEAD_DIM
+        for kt in range(lo, hi, BLOCK_K):
+            keys = kt + tl.arange(0, BLOCK_K)
+            key_ok = keys < hi
+            keys64 = keys.to(tl.int64)
+            crop_k = tl.load(CROP + keys, mask=key_ok, other=-1)
+            kv_mask = key_ok[:, None] & dim_ok[None, :]
+            k = tl.load(K + head * stride_kh + keys64[:, None] * stride_kt + dims[None, :] * stride_kd,
+                        mask=kv_mask, other=0.0)
+            v = tl.load(V + head * stride_vh + keys64[:, None] * stride_vt + dims[None, :] * stride_vd,
+                        mask=kv_mask, other=0.0)
+            dk = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
+            dv = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
+            for qs in range(lo, hi, BLOCK_N):
+                qrows = qs + tl.arange(0, BLOCK_N)
+                q_ok = qrows < hi
+                qrows64 = qrows.to(tl.int64)
+                q_mask = q_ok[:, None] & dim_ok[None, :]
+                crop_q = tl.load(CROP + qrows, mask=q_ok, other=-2)
+                q = tl.load(Q + head * stride_qh + qrows64[:, None] * stride_qt + dims[None, :] * stride_qd,
+                            mask=q_mask, other=0.0)
+                do = tl.load(DO + head * stride_doh + qrows64[:, None] * stride_dot + dims[None, :] * stride_dod,
+                             mask=q_mask, other=0.0)
+                o = tl.load(O + head * stride_oh + qrows64[:, None] * stride_ot + dims[None, :] * stride_od,
+                            mask=q_mask, other=0.0)
+                lse = tl.load(LSE + head * stride_lh + qrows64, mask=q_ok, other=0.0)
+                delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+                s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [keys, queries]
+                p_t = tl.exp2(tl.where(crop_k[:, None] == crop_q[None, :], s_t - lse[None, :], float("-inf")))
+                dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+                dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+                ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+                dk += tl.dot(ds_t, q, input_precision=DOT_PRECISION)
+                dq = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION)  # [queries, dims], this key tile
+                acc_ptrs = DQ_ACC + head * stride_ah + qrows64[:, None] * stride_at + dims[None, :] * stride_ad
+                if kt != lo:
+                    dq += tl.load(acc_ptrs, mask=q_mask, other=0.0)
+                if kt + BLOCK_K >= hi:
+                    tl.store(DQ + head * stride_gh + qrows64[:, None] * stride_gt + dims[None, :] * stride_gd,
+                             (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
+                else:
+                    tl.store(acc_ptrs, dq, mask=q_mask)
+            tl.store(DK + head * stride_gh + keys64[:, None] * stride_gt + dims[None, :] * stride_gd,
+                     (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+            tl.store(DV + head * stride_gh + keys64[:, None] * stride_gt + dims[None, :] * stride_gd,
+                     dv.to(DV.dtype.element_ty), mask=kv_mask)
+            tl.debug_barrier()  # DQ_ACC written above is read by other threads in the next key tile
+
+    @triton.jit
+    def _attn_bwd_delta_kernel(O, DO, DELTA, total_tokens,
                                stride_ot, stride_oh, stride_od, stride_dt, stride_dh, stride_dd, stride_lh,
-                               BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+                               HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
         """delta[h, t] = sum_d o[t, h, d] * do[t, h, d] in fp32 (the softmax-backward row term)."""
         head = tl.program_id(1).to(tl.int64)
         rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         dims = tl.arange(0, BLOCK_D)
         rows64 = rows.to(tl.int64)
-        ok = (rows < total_tokens)[:, None] & (dims < head_dim)[None, :]
+        ok = (rows < total_tokens)[:, None] & (dims < HEAD_DIM)[None, :]
         o = tl.load(O + head * stride_oh + rows64[:, None] * stride_ot + dims[None, :] * stride_od, mask=ok, other=0.0)
         do = tl.load(DO + head * stride_dh + rows64[:, None] * stride_dt + dims[None, :] * stride_dd, mask=ok,
                      other=0.0)
@@ -245,22 +373,22 @@ if triton_available():
                               stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
                               stride_vt, stride_vh, stride_vd, stride_dot, stride_doh, stride_dod,
                               stride_gt, stride_gh, stride_gd, stride_lh,
-                              head_dim, n_tiles, n_heads,
-                              TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                              DOT_PRECISION: tl.constexpr):
-        """One program per (tile, head): the tile's rows act as keys; queries are every row of their crops, which
-        is the tile's key range again (crop-aligned tiles make the table symmetric)."""
+                              n_tiles, n_heads,
+                              HEAD_DIM: tl.constexpr, TILE: tl.constexpr, BLOCK_N: tl.constexpr,
+                              BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        """Split backward, long crops: one program per (tile, head); the tile's rows act as keys, the queries are
+        its crop (= the tile's key range)."""
         tile_id = tl.program_id(0)
         head = tl.program_id(1).to(tl.int64)
-        row_lo = tl.load(TILES + tile_id * 4 + 0)
-        row_hi = tl.load(TILES + tile_id * 4 + 1)
-        key_lo = tl.load(TILES + tile_id * 4 + 2)
-        key_hi = tl.load(TILES + tile_id * 4 + 3)
+        row_lo = tl.load(TILES + tile_id * 5 + 0)
+        row_hi = tl.load(TILES + tile_id * 5 + 1)
+        key_lo = tl.load(TILES + tile_id * 5 + 2)
+        key_hi = tl.load(TILES + tile_id * 5 + 3)
 
         keys = row_lo + tl.arange(0, TILE)
         dims = tl.arange(0, BLOCK_D)
         key_ok = keys < row_hi
-        dim_ok = dims < head_dim
+        dim_ok = dims < HEAD_DIM
         keys64 = keys.to(tl.int64)
         crop_k = tl.load(CROP + keys, mask=key_ok, other=-1)
         kv_mask = key_ok[:, None] & dim_ok[None, :]
@@ -300,21 +428,21 @@ if triton_available():
                             stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
                             stride_vt, stride_vh, stride_vd, stride_dot, stride_doh, stride_dod,
                             stride_gt, stride_gh, stride_gd, stride_lh,
-                            head_dim, n_tiles, n_heads,
-                            TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                            DOT_PRECISION: tl.constexpr):
-        """One program per (tile, head): dq of the tile's query rows, accumulated over its key range."""
+                            n_tiles, n_heads,
+                            HEAD_DIM: tl.constexpr, TILE: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        """Split backward, long crops: dq of a tile's query rows, accumulated over its key range."""
         tile_id = tl.program_id(0)
         head = tl.program_id(1).to(tl.int64)
-        row_lo = tl.load(TILES + tile_id * 4 + 0)
-        row_hi = tl.load(TILES + tile_id * 4 + 1)
-        key_lo = tl.load(TILES + tile_id * 4 + 2)
-        key_hi = tl.load(TILES + tile_id * 4 + 3)
+        row_lo = tl.load(TILES + tile_id * 5 + 0)
+        row_hi = tl.load(TILES + tile_id * 5 + 1)
+        key_lo = tl.load(TILES + tile_id * 5 + 2)
+        key_hi = tl.load(TILES + tile_id * 5 + 3)
 
         rows = row_lo + tl.arange(0, TILE)
         dims = tl.arange(0, BLOCK_D)
         row_ok = rows < row_hi
-        dim_ok = dims < head_dim
+        dim_ok = dims < HEAD_DIM
         rows64 = rows.to(tl.int64)
         crop_q = tl.load(CROP + rows, mask=row_ok, other=-1)
         q_mask = row_ok[:, None] & dim_ok[None, :]
@@ -347,13 +475,20 @@ if triton_available():
     def _gpu_configs(block_ns, warps, stages):
         return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n in block_ns for w in warps for s in stages]
 
-    # The layout key (head_dim, n_tiles, n_heads) is static for a training run: tuning happens once per layout.
-    _TUNE_KEY = ["head_dim", "n_tiles", "n_heads"]
-    _attn_fwd_tuned = triton.autotune(_gpu_configs((32, 64, 128), (4, 8), (2, 3, 4)), key=_TUNE_KEY)(_attn_fwd_kernel)
-    _attn_bwd_dkdv_tuned = triton.autotune(_gpu_configs((16, 32, 64), (4, 8), (2, 3)), key=_TUNE_KEY)(
-        _attn_bwd_dkdv_kernel)
-    _attn_bwd_dq_tuned = triton.autotune(_gpu_configs((16, 32, 64), (4, 8), (2, 3)), key=_TUNE_KEY)(
-        _attn_bwd_dq_kernel)
+    # The layout key is static for a training run: tuning happens once per (layout, head_dim, dtype).
+    _attn_fwd_tuned = triton.autotune(_gpu_configs((32, 64, 128), (4, 8), (2, 3, 4)),
+                                      key=["HEAD_DIM", "n_tiles", "n_heads"])(_attn_fwd_kernel)
+    # fused backward: the key tile (BLOCK_K) is independent of the packing tile; 128 x 32 x 8 warps is the
+    # spill-free default at head_dim 64 (ptxas, sm_90), the others trade registers for fewer passes
+    _FUSED_CONFIGS = [triton.Config({"BLOCK_K": bk, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bk, bn, w, st in (
+        (128, 32, 8, 2), (128, 32, 8, 3), (128, 16, 4, 2), (128, 16, 8, 2), (128, 64, 8, 2),
+        (64, 32, 4, 2), (64, 32, 4, 3), (64, 64, 4, 2), (64, 64, 8, 2))]
+    _attn_bwd_fused_tuned = triton.autotune(_FUSED_CONFIGS, key=["HEAD_DIM", "n_groups", "n_heads"])(
+        _attn_bwd_fused_kernel)
+    _attn_bwd_dkdv_tuned = triton.autotune(_gpu_configs((16, 32, 64), (4, 8), (2, 3)),
+                                           key=["HEAD_DIM", "n_tiles", "n_heads"])(_attn_bwd_dkdv_kernel)
+    _attn_bwd_dq_tuned = triton.autotune(_gpu_configs((16, 32, 64), (4, 8), (2, 3)),
+                                         key=["HEAD_DIM", "n_tiles", "n_heads"])(_attn_bwd_dq_kernel)
 
 _LOG2E = 1.4426950408889634
 _INTERPRET_BLOCK_N = 16  # one config under TRITON_INTERPRET=1
@@ -368,73 +503,91 @@ def _precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _meta(block_n):
-    """Explicit meta-parameters (interpreter, or a caller pinning BLOCK_N) or None to autotune."""
-    if block_n is not None:
-        return {"BLOCK_N": block_n}
-    if interpreting():
-        return {"BLOCK_N": _INTERPRET_BLOCK_N}
-    return None
+_PINNED_BLOCK_K = None  # fused-backward key tile when BLOCK_N is pinned (default: the packing tile); tests vary it
 
 
-def _launch(tuned, plain, grid, args, consts, block_n):
-    meta = _meta(block_n)
+def _pinned(block_n):
+    """BLOCK_N to use instead of autotuning: the caller's, or the interpreter's single config; None = autotune."""
+    return block_n if block_n is not None else (_INTERPRET_BLOCK_N if interpreting() else None)
+
+
+def _launch(tuned, plain, grid, args, consts, meta):
+    """Autotuned on a GPU (meta None); explicit meta-parameters under the interpreter or when pinned."""
     if meta is None:
         tuned[grid](*args, **consts)
     else:
         plain[grid](*args, **consts, **meta)
 
 
-def _attn_forward(q, k, v, tiles, crop_id, scale, tile, block_n=None):
+def _attn_forward(q, k, v, table, scale, tile, block_n=None):
     total, heads, head_dim = q.shape
     o = torch.empty((total, heads, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((heads, total), dtype=torch.float32, device=q.device)
-    n_tiles = tiles.shape[0]
+    n_tiles = table.tiles.shape[0]
     if n_tiles == 0 or heads == 0:
         return o, lse
-    args = (q, k, v, o, lse, tiles, crop_id, scale * _LOG2E, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-            lse.stride(0), head_dim, n_tiles, heads)
-    consts = dict(TILE=tile, BLOCK_D=_block_d(head_dim), DOT_PRECISION=_precision(q.dtype))
-    _launch(_attn_fwd_tuned, _attn_fwd_kernel, (n_tiles, heads), args, consts, block_n)
+    args = (q, k, v, o, lse, table.tiles, table.crop_id, scale * _LOG2E, *q.stride(), *k.stride(), *v.stride(),
+            *o.stride(), lse.stride(0), n_tiles, heads)
+    consts = dict(HEAD_DIM=head_dim, TILE=tile, BLOCK_D=_block_d(head_dim), DOT_PRECISION=_precision(q.dtype))
+    pinned = _pinned(block_n)
+    _launch(_attn_fwd_tuned, _attn_fwd_kernel, (n_tiles, heads), args, consts,
+            None if pinned is None else {"BLOCK_N": pinned})
     return o, lse
 
 
-def _attn_backward(do, q, k, v, o, lse, tiles, crop_id, scale, tile, block_n=None):
+def _attn_backward(do, q, k, v, o, lse, table, scale, tile, block_n=None):
     total, heads, head_dim = q.shape
     dq = torch.empty((total, heads, head_dim), dtype=q.dtype, device=q.device)
     dk = torch.empty_like(dq)
     dv = torch.empty_like(dq)
-    n_tiles = tiles.shape[0]
-    if n_tiles == 0 or heads == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+    if total == 0 or heads == 0:
+        return dq, dk, dv
     block_d = _block_d(head_dim)
-    delta = torch.empty_like(lse)
-    block_t = 64 if not interpreting() else 128
-    _attn_bwd_delta_kernel[(triton.cdiv(total, block_t), heads)](
-        o, do, delta, total, head_dim, *o.stride(), *do.stride(), delta.stride(0), BLOCK_T=block_t, BLOCK_D=block_d)
-    common = (scale, scale * _LOG2E, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-              lse.stride(0), head_dim, n_tiles, heads)
-    consts = dict(TILE=tile, BLOCK_D=block_d, DOT_PRECISION=_precision(q.dtype))
-    _launch(_attn_bwd_dkdv_tuned, _attn_bwd_dkdv_kernel, (n_tiles, heads),
-            (q, k, v, do, dk, dv, lse, delta, tiles, crop_id, *common), consts, block_n)
-    _launch(_attn_bwd_dq_tuned, _attn_bwd_dq_kernel, (n_tiles, heads),
-            (q, k, v, do, dq, lse, delta, tiles, crop_id, *common), consts, block_n)
+    consts = dict(HEAD_DIM=head_dim, TILE=tile, BLOCK_D=block_d, DOT_PRECISION=_precision(q.dtype))
+    n_groups = table.groups.shape[0]
+    if n_groups:
+        pinned = _pinned(block_n)
+        meta = None if pinned is None else {"BLOCK_N": pinned, "BLOCK_K": _PINNED_BLOCK_K or tile}
+        # fp32 dq scratch for groups spanning several key tiles (the smallest autotuned key tile is 64 rows)
+        smallest_block_k = 64 if meta is None else meta["BLOCK_K"]
+        needs_acc = table.max_group > smallest_block_k
+        dq_acc = torch.empty((total, heads, head_dim), dtype=torch.float32, device=q.device) if needs_acc else dq
+        args = (q, k, v, o, do, dq, dk, dv, dq_acc, lse, table.groups, table.crop_id, scale, scale * _LOG2E,
+                *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(), *dq_acc.stride(),
+                lse.stride(0), n_groups, heads)
+        fused_consts = {key: val for key, val in consts.items() if key != "TILE"}
+        _launch(_attn_bwd_fused_tuned, _attn_bwd_fused_kernel, (n_groups, heads), args, fused_consts, meta)
+    n_long = table.long_tiles.shape[0]
+    if n_long:
+        delta = torch.empty_like(lse)
+        block_t = 64 if not interpreting() else 128
+        _attn_bwd_delta_kernel[(triton.cdiv(total, block_t), heads)](
+            o, do, delta, total, *o.stride(), *do.stride(), delta.stride(0), HEAD_DIM=head_dim, BLOCK_T=block_t,
+            BLOCK_D=block_d)
+        common = (scale, scale * _LOG2E, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+                  lse.stride(0), n_long, heads)
+        pinned = _pinned(block_n)
+        meta = None if pinned is None else {"BLOCK_N": pinned}
+        _launch(_attn_bwd_dkdv_tuned, _attn_bwd_dkdv_kernel, (n_long, heads),
+                (q, k, v, do, dk, dv, lse, delta, table.long_tiles, table.crop_id, *common), consts, meta)
+        _launch(_attn_bwd_dq_tuned, _attn_bwd_dq_kernel, (n_long, heads),
+                (q, k, v, do, dq, lse, delta, table.long_tiles, table.crop_id, *common), consts, meta)
     return dq, dk, dv
 
 
 class _MultiCropAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, tiles, crop_id, scale, tile, block_n):
-        o, lse = _attn_forward(q, k, v, tiles, crop_id, scale, tile, block_n)
-        ctx.save_for_backward(q, k, v, o, lse, tiles, crop_id)
-        ctx.scale, ctx.tile, ctx.block_n = scale, tile, block_n
+    def forward(ctx, q, k, v, table, scale, tile, block_n):
+        o, lse = _attn_forward(q, k, v, table, scale, tile, block_n)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.table, ctx.scale, ctx.tile, ctx.block_n = table, scale, tile, block_n
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, tiles, crop_id = ctx.saved_tensors
-        dq, dk, dv = _attn_backward(do, q, k, v, o, lse, tiles, crop_id, ctx.scale, ctx.tile, ctx.block_n)
-        return dq, dk, dv, None, None, None, None, None
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = _attn_backward(do, q, k, v, o, lse, ctx.table, ctx.scale, ctx.tile, ctx.block_n)
+        return dq, dk, dv, None, None, None, None
 
 
 _HAS_TRITON = triton_available()
@@ -478,8 +631,8 @@ def multicrop_attention_triton(q, k, v, cu_seqlens, max_seqlen=None, scale=None,
             cu_seqlens = torch.tensor(list(cu_seqlens), dtype=torch.int32)
         out, _ = torch.ops.celldino.multicrop_attention_fwd(q, k, v, cu_seqlens, scale, tile, block_n)
         return out
-    tiles, crop_id = _table_for(cu_seqlens, q, tile)
-    return _MultiCropAttention.apply(q, k, v, tiles, crop_id, scale, tile, block_n)
+    table = _table_for(cu_seqlens, q, tile)
+    return _MultiCropAttention.apply(q, k, v, table, scale, tile, block_n)
 
 
 # torch.compile path: the same launchers behind two custom ops, so dynamo treats the call as one opaque node.
@@ -487,8 +640,7 @@ def multicrop_attention_triton(q, k, v, cu_seqlens, max_seqlen=None, scale=None,
 @torch.library.custom_op("celldino::multicrop_attention_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float, tile: int,
             block_n: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    tiles, crop_id = _table_for(cu_seqlens, q, tile)
-    return _attn_forward(q, k, v, tiles, crop_id, scale, tile, block_n)
+    return _attn_forward(q, k, v, _table_for(cu_seqlens, q, tile), scale, tile, block_n)
 
 
 @_fwd_op.register_fake
@@ -500,8 +652,7 @@ def _fwd_fake(q, k, v, cu_seqlens, scale, tile, block_n):
 def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
             cu_seqlens: torch.Tensor, scale: float, tile: int,
             block_n: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    tiles, crop_id = _table_for(cu_seqlens, q, tile)
-    return _attn_backward(do, q, k, v, o, lse, tiles, crop_id, scale, tile, block_n)
+    return _attn_backward(do, q, k, v, o, lse, _table_for(cu_seqlens, q, tile), scale, tile, block_n)
 
 
 @_bwd_op.register_fake

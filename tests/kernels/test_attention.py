@@ -66,6 +66,7 @@ CASES = {
     "empty-crop": ([12, 0, 20, 0], 1, 32, 32, 16),
     "dinov2-p16-tile128": ([197, 197, 37, 37, 37, 37], 2, 64, 128, 32),
     "dinov2-p14-registers": ([257 + 4, 50 + 4, 50 + 4], 1, 80, 64, 32),
+    "very-long-crop-split-backward": ([9, 200, 3, 30], 2, 32, 32, 16),
 }
 
 
@@ -74,6 +75,14 @@ CASES = {
 def test_triton_matches_fp64_within_rule(case, dtype):
     lengths, heads, head_dim, tile, block_n = CASES[case]
     check_against_fp64(lengths, heads, head_dim, dtype, tile=tile, block_n=block_n)
+
+
+def test_fused_backward_key_tile_smaller_than_packing_tile(monkeypatch):
+    """On a GPU the fused backward autotunes its key tile (64 or 128) independently of the 128-row packing tile:
+    packed groups then span several key tiles and go through the fp32 dq scratch."""
+    monkeypatch.setattr(attention, "_PINNED_BLOCK_K", 16)
+    check_against_fp64([3, 7, 1, 12, 9, 30, 40], 2, 32, torch.float32, tile=32, block_n=16)
+    check_against_fp64([5, 20], 1, 32, torch.float16, tile=32, block_n=16)
 
 
 def test_triton_custom_scale_and_default_tile():
@@ -115,31 +124,51 @@ def test_non_contiguous_qkv_views_match_contiguous():
 def test_tile_table_covers_rows_once_and_packs_whole_crops():
     rng = np.random.default_rng(0)
     for tile in (32, 128):
-        lengths = [int(x) for x in rng.choice([0, 1, 5, 37, 50, 97, 197, 257], size=40)]
-        tiles, crop_id = build_tile_table(lengths, tile)
+        lengths = [int(x) for x in rng.choice([0, 1, 5, 37, 50, 97, 197, 257, 700], size=40)]
+        table = build_tile_table(lengths, tile)
+        crop_id = table.crop_id
         starts = np.concatenate([[0], np.cumsum(lengths)])
         total = starts[-1]
         np.testing.assert_array_equal(crop_id, np.repeat(np.arange(len(lengths)), lengths))
         seen = np.zeros(total, dtype=int)
-        for row_lo, row_hi, key_lo, key_hi in tiles:
+        for row_lo, row_hi, key_lo, key_hi, single in table.tiles:
             assert 0 < row_hi - row_lo <= tile
             seen[row_lo:row_hi] += 1
             first, last = crop_id[row_lo], crop_id[row_hi - 1]
             # keys: exactly the crops the rows belong to
             assert (key_lo, key_hi) == (starts[first], starts[last + 1])
+            assert single == (crop_id[key_lo] == crop_id[key_hi - 1])
             if first != last:  # a packed tile holds whole crops only
                 assert row_lo == key_lo and row_hi == key_hi and key_hi - key_lo <= tile
         np.testing.assert_array_equal(seen, 1)
-        spans = tiles[:, 3] - tiles[:, 2]
+        spans = table.tiles[:, 3] - table.tiles[:, 2]
         assert (np.diff(spans) <= 0).all(), "tiles are scheduled longest first"
+        # backward: fused groups (crop-closed) + split tiles of very long crops cover every row once
+        seen[:] = 0
+        for lo, hi in table.groups:
+            assert crop_id[lo] != (crop_id[lo - 1] if lo else -1) and (hi == total or crop_id[hi] != crop_id[hi - 1])
+            assert hi - lo <= tile or crop_id[lo] == crop_id[hi - 1]
+            assert -(-(hi - lo) // tile) <= attention.FUSED_BWD_MAX_TILES
+            seen[lo:hi] += 1
+        for row_lo, row_hi, key_lo, key_hi, _ in table.long_tiles:
+            assert key_hi - key_lo > attention.FUSED_BWD_MAX_TILES * tile
+            seen[row_lo:row_hi] += 1
+        np.testing.assert_array_equal(seen, 1)
+        assert table.max_group == max(hi - lo for lo, hi in table.groups)
 
 
 def test_tile_table_by_hand():
     # 2 x 197 + 8 x 37 at tile 128: each global crop -> 128 + 69 rows over its 197 keys; locals packed 3 + 3 + 2
-    tiles, _ = build_tile_table([197, 197] + [37] * 8, 128)
-    assert [tuple(t) for t in tiles] == [
-        (0, 128, 0, 197), (128, 197, 0, 197), (197, 325, 197, 394), (325, 394, 197, 394),
-        (394, 505, 394, 505), (505, 616, 505, 616), (616, 690, 616, 690)]
+    table = build_tile_table([197, 197] + [37] * 8, 128)
+    assert [tuple(t) for t in table.tiles] == [
+        (0, 128, 0, 197, 1), (128, 197, 0, 197, 1), (197, 325, 197, 394, 1), (325, 394, 197, 394, 1),
+        (394, 505, 394, 505, 0), (505, 616, 505, 616, 0), (616, 690, 616, 690, 0)]
+    assert [tuple(g) for g in table.groups] == [(0, 197), (197, 394), (394, 505), (505, 616), (616, 690)]
+    assert table.long_tiles.shape == (0, 5) and table.max_group == 197
+    # a crop of more than FUSED_BWD_MAX_TILES tiles goes to the split backward
+    table = build_tile_table([40, 5 * 32 + 1, 7], 32)
+    assert [tuple(g) for g in table.groups] == [(0, 40), (201, 208)]
+    assert len(table.long_tiles) == 6 and set(table.long_tiles[:, 2:4].ravel()) == {40, 201}
 
 
 def test_cu_seqlens_cache_follows_tensor_identity_and_version():
