@@ -31,6 +31,7 @@ try:
 except Exception:  # noqa: BLE001 - CPU-only installs still get the torch reference
     triton = None
 
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # others (e.g. float64) take the torch reference
 
 def _check(x, global_rows=None):
     if x.dim() != 2:
@@ -339,7 +340,7 @@ def koleo_loss_distributed_triton(x, eps=1e-8, group=None):
 
 def koleo_loss(x, eps=1e-8):
     """KoLeo loss of a [B, D] batch (B >= 2): fp32 scalar on the Triton path, x's dtype on the reference."""
-    if use_triton(x):
+    if x.dtype in _KERNEL_DTYPES and use_triton(x):
         return koleo_loss_triton(x, eps)
     return koleo_loss_reference(x, eps)
 
@@ -347,6 +348,6 @@ def koleo_loss(x, eps=1e-8):
 def koleo_loss_distributed(x, eps=1e-8, group=None):
     """KoLeo of this rank's rows against the all-gathered batch of `group` (the plain loss when not distributed).
     Every rank of the group must call it (and its backward): both contain collectives."""
-    if use_triton(x):
+    if x.dtype in _KERNEL_DTYPES and use_triton(x):
         return koleo_loss_distributed_triton(x, eps, group)
     return koleo_loss_distributed_reference(x, eps, group)

@@ -35,6 +35,7 @@ except Exception:  # noqa: BLE001 - CPU-only installs still get the torch refere
     triton = None
 
 LOG2E = 1.4426950408889634
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # others (e.g. float64) take the torch reference
 
 
 def _world(group):
@@ -273,6 +274,6 @@ def sinkhorn_knopp(logits, temperature, n_iterations=3, n_rows=None, group=None)
     n_rows: the GLOBAL row count B (DINO: rows_local x world, the default; iBOT: the all-reduced masked-patch count).
     group: process group whose ranks hold the other rows (None: the default group when initialised).
     """
-    if use_triton(logits):
+    if logits.dtype in _KERNEL_DTYPES and use_triton(logits):
         return sinkhorn_knopp_triton(logits, temperature, n_iterations, n_rows, group)
     return sinkhorn_knopp_reference(logits, temperature, n_iterations, n_rows, group)

@@ -126,6 +126,9 @@ def test_dispatcher_follows_the_backend_switch():
         kernels.set_backend("triton")
         assert torch.equal(kernels.koleo_loss(x), ko.koleo_loss_triton(x))
         assert torch.equal(kernels.koleo_loss_distributed(x), ko.koleo_loss_triton(x))  # not distributed
+        # float64 has no kernel: the reference takes it even when Triton is forced
+        assert kernels.koleo_loss(x.double()).dtype == torch.float64
+        assert torch.equal(kernels.koleo_loss(x.double()), ko.koleo_loss_reference(x.double()))
         kernels.set_backend("torch")
         assert torch.equal(kernels.koleo_loss(x), ko.koleo_loss_reference(x))
     finally:

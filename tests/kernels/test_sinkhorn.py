@@ -121,6 +121,8 @@ def test_dispatcher_follows_the_backend_switch():
     try:
         kernels.set_backend("triton")
         assert torch.equal(kernels.sinkhorn_knopp(logits, 0.1), sk.sinkhorn_knopp_triton(logits, 0.1))
+        # float64 has no kernel: the reference takes it even when Triton is forced
+        assert torch.equal(kernels.sinkhorn_knopp(logits.double(), 0.1), sk.sinkhorn_knopp_reference(logits, 0.1))
         kernels.set_backend("torch")
         assert torch.equal(kernels.sinkhorn_knopp(logits, 0.1), sk.sinkhorn_knopp_reference(logits, 0.1))
     finally:
@@ -156,6 +158,7 @@ def _worker(rank, world, port, logits, splits, queue):
             results[name, "ibot"] = fn(local_uneven, 0.07, n_rows=sum(splits))
             results[name, "n0"] = fn(local_uneven, 0.07, n_iterations=0, n_rows=sum(splits))
             results[name, "cold"] = fn(local_even * 4, 0.04)  # t/T up to ~500: needs the all-reduced shift
+            results[name, "empty"] = fn(torch.split(logits, [0, len(logits)])[rank], 0.07, n_rows=len(logits))
         queue.put((rank, results))
     finally:
         dist.destroy_process_group()
@@ -180,9 +183,11 @@ def test_two_gloo_ranks_equal_single_process_on_concatenated_rows():
         "ibot": sk.sinkhorn_knopp_triton(logits, 0.07),
         "n0": sk.sinkhorn_knopp_triton(logits, 0.07, n_iterations=0),
         "cold": sk.sinkhorn_knopp_triton(logits * 4, 0.04),
+        "empty": sk.sinkhorn_knopp_triton(logits, 0.07),  # rank 0 holds no masked patch at all
     }
     for case, full in single.items():
-        parts = torch.split(full, splits) if case in ("ibot", "n0") else full.chunk(2)
+        parts = {"ibot": torch.split(full, splits), "n0": torch.split(full, splits),
+                 "empty": torch.split(full, [0, len(full)])}.get(case, full.chunk(2))
         for rank in range(2):
             for backend in ("triton", "torch"):
                 got = results[rank][backend, case]
