@@ -201,7 +201,7 @@ def test_two_gloo_ranks_equal_single_process_on_concatenated_rows():
 @pytest.mark.gpu
 @pytest.mark.parametrize("rows,K", [(64, 65536), (2501, 8192), (37, 131072)])
 def test_gpu_bf16_real_shapes(rows, K):
-    logits = (torch.randn(rows, K, device="cuda") * 1.2).bfloat16()
+    logits = (torch.randn(rows, K, device="cuda") * 0.8).bfloat16()  # max t / T ~ 65: the fp32 reference is finite
     got = sk.sinkhorn_knopp_triton(logits, 0.07)
     assert_tolerance_rule(got, logits, 0.07)
     assert torch.allclose(got.sum(1), torch.ones(rows, device="cuda"), atol=1e-4)
