@@ -31,14 +31,19 @@ def interpreting():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+_triton_ok = None  # cached in a plain global, not functools.lru_cache: torch.compile traces this without warnings
+
+
 def triton_available():
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:
-        return False
-    return True
+    global _triton_ok
+    if _triton_ok is None:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+            _triton_ok = True
+        except Exception:
+            _triton_ok = False
+    return _triton_ok
 
 
 def use_triton(*tensors):
