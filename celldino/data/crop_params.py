@@ -21,7 +21,8 @@ Laws (reference `dinov2/data/cell_dino/{augmentations,transforms}.py`, applied t
   flip            (h, v) each Bernoulli(0.5); horizontal applied first (they commute anyway).
   brightness      per channel max(N(1, jitter_std), 0.5): x *= f, clamp to [0, 1].
   contrast        per channel max(N(1, jitter_std), 0.5): x = f*x + (1-f)*mean(x), clamp to [0, 1].
-  Then per-channel self-normalisation (population std, eps 1e-7); a constant channel becomes exactly 0.
+  Then per-channel self-normalisation (population std, eps 1e-7); a constant channel (range <= 4 ulps of its
+  magnitude, i.e. constant up to resize rounding) becomes exactly 0.
 Channels beyond an image's own channel count (C < Cmax in a mixed batch) get brightness = contrast = 1.
 """
 
@@ -222,13 +223,15 @@ def sample_crop_params(
 def self_normalize(x: torch.Tensor, eps: float = SELF_NORM_EPS) -> torch.Tensor:
     """Per-channel (x - mean) / (population std + eps) over the last two dims; constant channels -> exactly 0.
 
-    The reference (SelfNormalizeNoDiv) works in place and can leave rounding noise / eps on a constant
-    channel; we return a new tensor and zero such channels explicitly.
+    "Constant" means a range of at most 4 float32 ulps of the channel's magnitude: a constant input channel
+    comes out of bilinear resizing with rounding noise, which the reference's SelfNormalizeNoDiv (in place)
+    amplifies by 1 / eps into values of ~1e-2; we return a new tensor with such channels set to 0.
     """
     mean = x.mean(dim=(-2, -1), keepdim=True)
     std = x.std(dim=(-2, -1), unbiased=False, keepdim=True)
     out = (x - mean) / (std + eps)
-    constant = x.amax(dim=(-2, -1), keepdim=True) == x.amin(dim=(-2, -1), keepdim=True)
+    hi, lo = x.amax(dim=(-2, -1), keepdim=True), x.amin(dim=(-2, -1), keepdim=True)
+    constant = (hi - lo) <= 4 * torch.finfo(torch.float32).eps * torch.maximum(hi.abs(), lo.abs())
     return out.masked_fill(constant, 0.0)
 
 
