@@ -90,7 +90,7 @@ setup(
     extras_require={
         "test": ["pytest>=8.0", "pytest-timeout>=2.3"],
         "gpu": ["triton>=3.0"],
-        "dali": ["nvidia-dali-cuda130>=1.40"],
+        "dali": ["nvidia-dali-cuda130>=1.44"],
         "eval": ["anndata>=0.10", "matplotlib>=3.8", "umap-learn>=0.5"],
         "zarr": ["zarr>=2.16"],
         "train": ["tensorboard>=2.15", "submitit>=1.5"],
