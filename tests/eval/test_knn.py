@@ -1,0 +1,210 @@
+"""kNN against a brute-force float64 reference (reference_spec.md §6.2, §12): ties, k beyond the train set and
+the per-class counts, chunking, multi-label, the reference voting quirk, few-shot subsets, 2-process sharding."""
+import math
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from celldino.eval.knn import (class_indices_mapping, few_shot_subsets, knn_leave_one_out, knn_scores, knn_search,
+                               topk_merge)
+
+
+def brute_force(train, labels, test, nb_knn, T, num_classes, normalize=True, voting="per_k"):
+    """float64: full similarity matrix, neighbours sorted by (similarity desc, index asc), softmax votes."""
+    tr, te = train.double(), test.double()
+    if normalize:
+        tr = tr / tr.norm(dim=1, keepdim=True)
+        te = te / te.norm(dim=1, keepdim=True)
+    sims = (te @ tr.T).numpy()
+    max_k = min(max(nb_knn), len(tr))
+    order = np.stack([np.lexsort((np.arange(len(tr)), -row))[:max_k] for row in sims])
+    top = np.take_along_axis(sims, order, 1)
+    lab = labels[torch.from_numpy(order)]
+    onehot = lab.double() if labels.dim() == 2 else torch.nn.functional.one_hot(lab, num_classes).double()
+    out = {}
+    for k in nb_knn:
+        kk = min(k, max_k)
+        s = torch.from_numpy(top) / T
+        w = torch.softmax(s, 1)[:, :kk] if voting == "reference" else torch.softmax(s[:, :kk], 1)
+        out[k] = (w.unsqueeze(-1) * onehot[:, :kk]).sum(1)
+    return out, order, top
+
+
+def _check(scores, ref, atol):
+    assert set(scores) == set(ref)
+    for k in ref:
+        assert scores[k].dtype == torch.float32
+        torch.testing.assert_close(scores[k].double(), ref[k], atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("chunks", [dict(), dict(train_chunk=7, query_chunk=3), dict(train_chunk=1, query_chunk=1),
+                                    dict(block_bytes=1 << 10)])
+def test_random_features_match_float64(chunks):
+    torch.manual_seed(0)
+    train, test = torch.randn(150, 24), torch.randn(40, 24)
+    labels = torch.randint(0, 5, (150,))
+    ref, _, _ = brute_force(train, labels, test, [1, 10, 20], 0.07, 5)
+    _check(knn_scores(train, labels, test, [1, 10, 20], 0.07, 5, **chunks), ref, atol=2e-5)
+
+
+@pytest.mark.parametrize("chunks", [dict(), dict(train_chunk=5, query_chunk=4), dict(train_chunk=2, query_chunk=7)])
+def test_exact_ties_break_on_the_lower_train_index(chunks):
+    # integer features, raw dot products (normalize=False): every similarity is exact and ties are everywhere,
+    # including duplicated train rows with different labels
+    g = torch.Generator().manual_seed(1)
+    train = torch.randint(-1, 2, (60, 4), generator=g).float()
+    train[30:40] = train[0:10]
+    labels = torch.randint(0, 4, (60,), generator=g)
+    test = torch.randint(-1, 2, (25, 4), generator=g).float()
+    sims, idx = knn_search(train, test, 12, normalize=False, **chunks)
+    _, order, top = brute_force(train, labels, test, [12], 1.0, 4, normalize=False)
+    assert torch.equal(idx, torch.from_numpy(order))
+    assert torch.equal(sims.double(), torch.from_numpy(top))
+    ref, _, _ = brute_force(train, labels, test, [3, 12], 2.0, 4, normalize=False)
+    _check(knn_scores(train, labels, test, [3, 12], 2.0, 4, normalize=False, **chunks), ref, atol=1e-6)
+
+
+def test_k_beyond_the_train_set_and_the_class_counts():
+    torch.manual_seed(2)
+    train = torch.randn(9, 8)
+    labels = torch.tensor([0, 0, 1, 2, 2, 2, 2, 2, 2])  # class 0: 2 samples, class 1: 1
+    test = torch.randn(6, 8)
+    ref, _, _ = brute_force(train, labels, test, [5, 50], 0.07, 3)
+    scores = knn_scores(train, labels, test, [5, 50], 0.07, 3)
+    _check(scores, ref, atol=2e-5)
+    full = knn_scores(train, labels, test, [9], 0.07, 3)[9]
+    torch.testing.assert_close(scores[50], full)  # k = 50 > 9 train samples uses all 9
+    torch.testing.assert_close(scores[50].sum(1), torch.ones(6))
+
+
+def test_multilabel_vote_mass():
+    torch.manual_seed(3)
+    train, test = torch.randn(80, 16), torch.randn(20, 16)
+    labels = (torch.rand(80, 6) < 0.3).long()
+    ref, _, _ = brute_force(train, labels, test, [1, 7], 0.07, 6)
+    scores = knn_scores(train, labels, test, [1, 7], 0.07)
+    _check(scores, ref, atol=2e-5)
+    assert scores[1].shape == (20, 6)
+
+
+def test_reference_voting_quirk():
+    torch.manual_seed(4)
+    train, test = torch.randn(100, 16), torch.randn(30, 16)
+    labels = torch.randint(0, 4, (100,))
+    ref, _, _ = brute_force(train, labels, test, [1, 10, 20], 0.07, 4, voting="reference")
+    quirk = knn_scores(train, labels, test, [1, 10, 20], 0.07, 4, voting="reference")
+    _check(quirk, ref, atol=2e-5)
+    fixed = knn_scores(train, labels, test, [1, 10, 20], 0.07, 4)
+    assert (quirk[1].sum(1) < 0.999).any()  # k = 1 mass is the softmax over the top 20, not 1
+    torch.testing.assert_close(fixed[1].sum(1), torch.ones(30))
+    for k in (1, 10, 20):  # same argmax either way
+        assert torch.equal(quirk[k].argmax(1), fixed[k].argmax(1))
+    torch.testing.assert_close(quirk[20], fixed[20])
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="dimension"):
+        knn_scores(torch.randn(5, 4), torch.zeros(5, dtype=torch.long), torch.randn(2, 3), [1])
+    with pytest.raises(ValueError, match="train labels"):
+        knn_scores(torch.randn(5, 4), torch.zeros(4, dtype=torch.long), torch.randn(2, 4), [1])
+    with pytest.raises(ValueError, match="NaN"):
+        knn_scores(torch.full((5, 4), float("nan")), torch.zeros(5, dtype=torch.long), torch.randn(2, 4), [1])
+
+
+def test_topk_merge_keeps_the_order_rule():
+    va, ia = torch.tensor([[3.0, 1.0, 1.0]]), torch.tensor([[2, 0, 1]])
+    vb, ib = torch.tensor([[3.0, 1.0, -math.inf]]), torch.tensor([[5, 4, -1]])
+    v, i = topk_merge(va, ia, vb, ib, 4)
+    assert i.tolist() == [[2, 5, 0, 1]] and v.tolist() == [[3.0, 3.0, 1.0, 1.0]]
+
+
+def test_few_shot_subsets():
+    labels = torch.tensor([0] * 10 + [1] * 3 + [2] * 7)
+    tries = few_shot_subsets(labels, 4, n_tries=3)
+    for subset in tries:
+        counts = torch.bincount(labels[subset], minlength=3)
+        assert counts.tolist() == [4, 3, 4]
+    assert not all(torch.equal(tries[0], t) for t in tries[1:])  # different seeds, different subsets
+    assert all(torch.equal(a, b) for a, b in zip(tries, few_shot_subsets(labels, 4, n_tries=3)))  # seeded
+    half = few_shot_subsets(labels, 0.5)[0]
+    assert torch.bincount(labels[half], minlength=3).tolist() == [5, 1, 3]
+    multi = torch.tensor([[1, 0], [1, 1], [0, 1], [0, 1]])
+    assert {k: v.tolist() for k, v in class_indices_mapping(multi).items()} == {0: [0, 1], 1: [1, 2, 3]}
+
+
+def test_leave_one_out_equals_manual_loop():
+    from sklearn.metrics import f1_score
+    torch.manual_seed(5)
+    train, train_y = torch.randn(40, 8), torch.randint(0, 4, (40,))
+    test, test_y = torch.randn(18, 8), torch.randint(4, 7, (18,))
+    groups = np.array(["a", "b", "c"] * 6)
+    got = knn_leave_one_out(train, train_y, test, test_y, groups, [1, 5], 0.07, num_classes=7, score_labels=[4, 5, 6])
+    preds = {1: np.zeros(18, int), 5: np.zeros(18, int)}
+    for g in "abc":
+        held = groups == g
+        tr = torch.cat([train, test[torch.from_numpy(~held)]])
+        ty = torch.cat([train_y, test_y[torch.from_numpy(~held)]])
+        ref, _, _ = brute_force(tr, ty, test[torch.from_numpy(held)], [1, 5], 0.07, 7)
+        for k in (1, 5):
+            preds[k][held] = ref[k].argmax(1).numpy()
+    order = np.concatenate([np.nonzero(groups == g)[0] for g in "abc"])
+    for k in (1, 5):
+        expected = f1_score(test_y.numpy()[order], preds[k][order], average="macro", labels=[4, 5, 6],
+                            zero_division=0)
+        assert got[k] == pytest.approx(expected)
+
+
+# ---- 2 gloo processes: sharded search == one process ----------------------------------------------------------
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, train, labels, test, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        # uneven queries per rank (7 and 12), full train on every rank (each uses its tensor_split piece)
+        my_test = test[:7] if rank == 0 else test[7:]
+        full = knn_scores(train, labels, my_test, [1, 5, 40], 0.07, 4, train_chunk=6)
+        # the same with each rank holding only its own piece of the train set
+        piece = torch.tensor_split(torch.arange(len(train)), world)[rank]
+        sharded = knn_scores(train[piece], labels[piece], my_test, [1, 5, 40], 0.07, 4, train_is_sharded=True)
+        _, idx = knn_search(train, my_test, 9)
+        queue.put((rank, full, sharded, idx))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_two_rank_sharded_knn_equals_single_process():
+    g = torch.Generator().manual_seed(6)
+    train = torch.randn(31, 12, generator=g)
+    train[20:25] = train[0:5]  # exact duplicates across the two shards: ties must still go to the lower index
+    labels = torch.randint(0, 4, (31,), generator=g)
+    test = torch.randn(19, 12, generator=g)
+    test[3] = train[2]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, 2, port, train, labels, test, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict((item[0], item[1:]) for item in (queue.get(timeout=120) for _ in procs))
+    for p in procs:
+        p.join(timeout=60)
+    single = knn_scores(train, labels, test, [1, 5, 40], 0.07, 4)
+    _, single_idx = knn_search(train, test, 9)
+    for rank, rows in ((0, slice(0, 7)), (1, slice(7, 19))):
+        full, sharded, idx = results[rank]
+        assert torch.equal(idx, single_idx[rows])
+        for k in (1, 5, 40):
+            torch.testing.assert_close(full[k], single[k][rows])
+            torch.testing.assert_close(sharded[k], single[k][rows])
