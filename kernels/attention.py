@@ -247,8 +247,10 @@ if triton_available():
                          n_tiles, n_heads,
                          HEAD_DIM: tl.constexpr, TILE: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
-        tile_id = tl.program_id(0)
-        head = tl.program_id(1).to(tl.int64)
+        # 1-D grid, heads fastest: CTAs launch in the table's longest-first order across all heads, and
+        # neighbouring CTAs read the same token rows (adjacent head slices) while they are in L2
+        tile_id = tl.program_id(0) // n_heads
+        head = (tl.program_id(0) % n_heads).to(tl.int64)
         row_lo = tl.load(TILES + tile_id * 5 + 0)
         row_hi = tl.load(TILES + tile_id * 5 + 1)
         key_lo = tl.load(TILES + tile_id * 5 + 2)
@@ -298,8 +300,10 @@ if triton_available():
         Outer loop: key tiles of BLOCK_K rows (dk, dv accumulate in registers); inner loop: query blocks of
         BLOCK_N rows. dq of a query block gets one term per key tile: a one-tile group stores it at once, a
         longer group adds it up in DQ_ACC (fp32, written and read back only by this program)."""
-        group_id = tl.program_id(0)
-        head = tl.program_id(1).to(tl.int64)
+        # 1-D grid, heads fastest: CTAs launch in the table's longest-first order across all heads, and
+        # neighbouring CTAs read the same token rows (adjacent head slices) while they are in L2
+        group_id = tl.program_id(0) // n_heads
+        head = (tl.program_id(0) % n_heads).to(tl.int64)
         lo = tl.load(GROUPS + group_id * 2 + 0)
         hi = tl.load(GROUPS + group_id * 2 + 1)
         dims = tl.arange(0, BLOCK_D)
@@ -378,8 +382,10 @@ if triton_available():
                               BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
         """Split backward, long crops: one program per (tile, head); the tile's rows act as keys, the queries are
         its crop (= the tile's key range)."""
-        tile_id = tl.program_id(0)
-        head = tl.program_id(1).to(tl.int64)
+        # 1-D grid, heads fastest: CTAs launch in the table's longest-first order across all heads, and
+        # neighbouring CTAs read the same token rows (adjacent head slices) while they are in L2
+        tile_id = tl.program_id(0) // n_heads
+        head = (tl.program_id(0) % n_heads).to(tl.int64)
         row_lo = tl.load(TILES + tile_id * 5 + 0)
         row_hi = tl.load(TILES + tile_id * 5 + 1)
         key_lo = tl.load(TILES + tile_id * 5 + 2)
@@ -432,8 +438,10 @@ if triton_available():
                             HEAD_DIM: tl.constexpr, TILE: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
         """Split backward, long crops: dq of a tile's query rows, accumulated over its key range."""
-        tile_id = tl.program_id(0)
-        head = tl.program_id(1).to(tl.int64)
+        # 1-D grid, heads fastest: CTAs launch in the table's longest-first order across all heads, and
+        # neighbouring CTAs read the same token rows (adjacent head slices) while they are in L2
+        tile_id = tl.program_id(0) // n_heads
+        head = (tl.program_id(0) % n_heads).to(tl.int64)
         row_lo = tl.load(TILES + tile_id * 5 + 0)
         row_hi = tl.load(TILES + tile_id * 5 + 1)
         key_lo = tl.load(TILES + tile_id * 5 + 2)
@@ -533,7 +541,7 @@ def _attn_forward(q, k, v, table, scale, tile, block_n=None):
             *o.stride(), lse.stride(0), n_tiles, heads)
     consts = dict(HEAD_DIM=head_dim, TILE=tile, BLOCK_D=_block_d(head_dim), DOT_PRECISION=_precision(q.dtype))
     pinned = _pinned(block_n)
-    _launch(_attn_fwd_tuned, _attn_fwd_kernel, (n_tiles, heads), args, consts,
+    _launch(_attn_fwd_tuned, _attn_fwd_kernel, (n_tiles * heads,), args, consts,
             None if pinned is None else {"BLOCK_N": pinned})
     return o, lse
 
@@ -559,7 +567,7 @@ def _attn_backward(do, q, k, v, o, lse, table, scale, tile, block_n=None):
                 *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(), *dq_acc.stride(),
                 lse.stride(0), n_groups, heads)
         fused_consts = {key: val for key, val in consts.items() if key != "TILE"}
-        _launch(_attn_bwd_fused_tuned, _attn_bwd_fused_kernel, (n_groups, heads), args, fused_consts, meta)
+        _launch(_attn_bwd_fused_tuned, _attn_bwd_fused_kernel, (n_groups * heads,), args, fused_consts, meta)
     n_long = table.long_tiles.shape[0]
     if n_long:
         delta = torch.empty_like(lse)
@@ -571,9 +579,9 @@ def _attn_backward(do, q, k, v, o, lse, table, scale, tile, block_n=None):
                   lse.stride(0), n_long, heads)
         pinned = _pinned(block_n)
         meta = None if pinned is None else {"BLOCK_N": pinned}
-        _launch(_attn_bwd_dkdv_tuned, _attn_bwd_dkdv_kernel, (n_long, heads),
+        _launch(_attn_bwd_dkdv_tuned, _attn_bwd_dkdv_kernel, (n_long * heads,),
                 (q, k, v, do, dk, dv, lse, delta, table.long_tiles, table.crop_id, *common), consts, meta)
-        _launch(_attn_bwd_dq_tuned, _attn_bwd_dq_kernel, (n_long, heads),
+        _launch(_attn_bwd_dq_tuned, _attn_bwd_dq_kernel, (n_long * heads,),
                 (q, k, v, do, dq, lse, delta, table.long_tiles, table.crop_id, *common), consts, meta)
     return dq, dk, dv
 
