@@ -13,12 +13,15 @@ All random numbers come from one numpy buffer drawn up front, so the numba loop 
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Optional
 
 import numpy as np
 
 from .rng import ProcessLocalRNG
+
+logger = logging.getLogger("celldino")
 
 __all__ = ["MaskingGenerator", "NUMBA_AVAILABLE"]
 
@@ -127,7 +130,15 @@ class MaskingGenerator:
             return mask
         rng = self.rng.get() if rng is None else rng
         u = rng.random((n + 1) * _ATTEMPTS * _DRAWS_PER_ATTEMPT)
-        place = _place_blocks_numba if self.backend == "numba" else _place_blocks
-        place(mask, n, float(self.min_num_patches), float(self.max_num_patches), self.log_aspect_ratio[0],
-              self.log_aspect_ratio[1], u)
+        args = (n, float(self.min_num_patches), float(self.max_num_patches), self.log_aspect_ratio[0],
+                self.log_aspect_ratio[1], u)
+        if self.backend == "numba":
+            try:
+                _place_blocks_numba(mask, *args)
+                return mask
+            except Exception as e:  # e.g. no writable numba cache dir: the twin gives the same masks
+                logger.warning("numba masking failed (%s: %s); using the pure-Python twin", type(e).__name__, e)
+                self.backend = "python"
+                mask[:] = False
+        _place_blocks(mask, *args)
         return mask
