@@ -178,7 +178,9 @@ def _worker(rank, world, port, train, labels, test, queue):
         piece = torch.tensor_split(torch.arange(len(train)), world)[rank]
         sharded = knn_scores(train[piece], labels[piece], my_test, [1, 5, 40], 0.07, 4, train_is_sharded=True)
         _, idx = knn_search(train, my_test, 9)
-        queue.put((rank, full, sharded, idx))
+        # numpy travels by value (a tensor would be shared memory that dies with this process)
+        queue.put((rank, {k: v.numpy() for k, v in full.items()}, {k: v.numpy() for k, v in sharded.items()},
+                   idx.numpy()))
     finally:
         dist.destroy_process_group()
 
@@ -204,7 +206,7 @@ def test_two_rank_sharded_knn_equals_single_process():
     _, single_idx = knn_search(train, test, 9)
     for rank, rows in ((0, slice(0, 7)), (1, slice(7, 19))):
         full, sharded, idx = results[rank]
-        assert torch.equal(idx, single_idx[rows])
+        assert torch.equal(torch.from_numpy(idx), single_idx[rows])
         for k in (1, 5, 40):
-            torch.testing.assert_close(full[k], single[k][rows])
-            torch.testing.assert_close(sharded[k], single[k][rows])
+            torch.testing.assert_close(torch.from_numpy(full[k]), single[k][rows])
+            torch.testing.assert_close(torch.from_numpy(sharded[k]), single[k][rows])
