@@ -17,8 +17,10 @@ group) leaves most of a tile empty for local crops. Here whole short crops are p
 rows (block-diagonal *inside* the tile: a score is kept only where the query's crop id equals the key's crop id),
 crops longer than a tile get tiles of their own, and a tile only visits the keys of the crops it holds. The tile
 table (row range and key range per tile) is built on the host once per crop-length signature and cached on the
-device, so a call costs one launch forward and three backward (delta, dk/dv, dq), with no padding copies and no
-atomics (deterministic).
+device. A call costs one launch forward and one backward (one program per crop-closed group computes dq, dk and
+dv: five matmuls, nothing recomputed), with no padding copies and no atomics (deterministic). Crops longer than
+FUSED_BWD_MAX_TILES tiles take a split FlashAttention-2 backward (delta, dk/dv, dq: three launches).
+See docs/kernels.md.
 """
 import math
 import weakref
@@ -29,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import interpreting, triton_available, use_triton
+from ._dispatch import backend, interpreting, triton_available, use_triton
 
 # ----------------------------------------------------------------------------------------------------------------
 # plain-torch reference
@@ -37,8 +39,7 @@ from ._dispatch import interpreting, triton_available, use_triton
 
 
 def _offsets(cu_seqlens):
-    offsets = cu_seqlens.tolist() if torch.is_tensor(cu_seqlens) else [int(x) for x in cu_seqlens]
-    return offsets
+    return cu_seqlens.tolist() if torch.is_tensor(cu_seqlens) else [int(x) for x in cu_seqlens]
 
 
 def _check_inputs(q, k, v, offsets):
@@ -693,11 +694,8 @@ def triton_supported(q):
 
 def multicrop_attention(q, k, v, cu_seqlens, max_seqlen=None, scale=None):
     """Block-diagonal attention: each crop of the packed stream attends only to itself."""
-    if use_triton(q, k, v) and (triton_supported(q) or _forced_triton()):
+    # auto sends what the kernels cannot do (float64, head_dim > 128) to the reference; forced triton raises instead
+    if use_triton(q, k, v) and (triton_supported(q) or backend() == "triton"):
         return multicrop_attention_triton(q, k, v, cu_seqlens, max_seqlen, scale)
     return multicrop_attention_reference(q, k, v, cu_seqlens, scale)
 
-
-def _forced_triton():
-    from ._dispatch import backend
-    return backend() == "triton"
