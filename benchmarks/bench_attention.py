@@ -22,7 +22,6 @@ On CPU: a tiny layout, fp32, the torch providers (plus celldino when TRITON_INTE
 """
 import argparse
 import functools
-import math
 
 import torch
 import torch.nn.functional as F

@@ -148,7 +148,8 @@ def build_tile_table(lengths, tile, fused_max_tiles=FUSED_BWD_MAX_TILES):
     long_tiles.sort(key=lambda t: t[3] - t[2], reverse=True)
     groups.sort(key=lambda g: -(-(g[1] - g[0]) // tile) * (g[1] - g[0]), reverse=True)
     crop_id = np.repeat(np.arange(len(lengths), dtype=np.int32), np.asarray(lengths, dtype=np.int64))
-    return TileTable(np.asarray(tiles, dtype=np.int32).reshape(-1, 5), np.asarray(groups, dtype=np.int32).reshape(-1, 2),
+    return TileTable(np.asarray(tiles, dtype=np.int32).reshape(-1, 5),
+                     np.asarray(groups, dtype=np.int32).reshape(-1, 2),
                      np.asarray(long_tiles, dtype=np.int32).reshape(-1, 5), crop_id,
                      max((hi - lo for lo, hi in groups), default=0))
 
