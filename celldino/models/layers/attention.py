@@ -5,6 +5,7 @@ Two paths:
 - a packed (T, D) stream with a PackedLayout: ONE call to `celldino.kernels.multicrop_attention` on
   [T, heads, head_dim] q/k/v with the layout's cu_seqlens (block-diagonal: each crop attends to itself only).
 """
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -36,7 +37,10 @@ class Attention(nn.Module):
     def _forward_packed(self, x, layout):
         tokens, dim = x.shape
         q, k, v = self.qkv(x).view(tokens, 3, self.num_heads, self.head_dim).unbind(1)
-        out = multicrop_attention(q, k, v, layout.cu_seqlens, layout.max_seqlen, self.scale)
+        # under torch.compile the offsets go in as Python ints: a constant of the graph, so the kernel dispatch
+        # needs no tensor -> host read (which would break the graph); eagerly the cached CPU tensor is cheapest
+        cu_seqlens = layout.cu_seqlens_list if torch.compiler.is_compiling() else layout.cu_seqlens
+        out = multicrop_attention(q, k, v, cu_seqlens, layout.max_seqlen, self.scale)
         return self.proj_drop(self.proj(out.reshape(tokens, dim)))
 
 

@@ -34,7 +34,8 @@ class PackedLayout:
 
     shapes         ((b_i, n_i), ...)
     token_counts   b_i * n_i per input tensor; token_offsets: where each starts in the stream
-    cu_seqlens     CPU int32 [n_crops + 1], cumulative crop lengths (what `multicrop_attention` takes)
+    cu_seqlens     CPU int32 [n_crops + 1], cumulative crop lengths (what `multicrop_attention` takes);
+                   cu_seqlens_list: the same as a tuple of ints (a compile-time constant under torch.compile)
     max_seqlen     longest crop
     subsets        {sample_drop_ratio: SubsetLayout} prepared for the stochastic-depth ratios in use
     """
@@ -42,7 +43,8 @@ class PackedLayout:
     def __init__(self, shapes, drop_ratios=()):
         self.shapes = tuple((int(b), int(n)) for b, n in shapes)
         lengths = [n for b, n in self.shapes for _ in range(b)]
-        self.cu_seqlens = torch.tensor([0] + list(itertools.accumulate(lengths)), dtype=torch.int32)
+        self.cu_seqlens_list = (0,) + tuple(itertools.accumulate(lengths))
+        self.cu_seqlens = torch.tensor(self.cu_seqlens_list, dtype=torch.int32)
         self.max_seqlen = max(lengths, default=0)
         self.token_counts = tuple(b * n for b, n in self.shapes)
         self.token_offsets = tuple(itertools.accumulate((0,) + self.token_counts[:-1]))
