@@ -1,7 +1,7 @@
 """The attention benchmark runs end to end on the CPU (tiny layout; the Triton provider under the interpreter)."""
 import argparse
 
-from benchmarks import bench_attention
+from celldino.benchmarks import bench_attention
 
 
 def test_bench_attention_quick_rows():
