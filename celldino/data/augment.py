@@ -14,7 +14,6 @@ import logging
 from typing import Optional, Sequence
 
 import numpy as np
-import torch
 from torchvision import transforms
 
 from .crop_params import CropParams, apply_crop_params_torch, sample_crop_params

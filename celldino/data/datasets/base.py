@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import multiprocessing.context
-import os
 from typing import Any, Callable, List, Optional, Sequence
 
 import numpy as np
