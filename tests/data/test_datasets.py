@@ -376,6 +376,11 @@ def test_bad_files_raise_by_default_and_skip_counts(tmp_path):
     assert target == skip.get_target(2) and skip.skipped.value == 1
     skip[3]
     assert skip.skipped.value == 2
+    skip[1]  # every replaced request counts; the bad file is remembered, not re-read
+    assert skip.skipped.value == 3 and skip._unreadable == {1, 3}
+    all_bad = build_dataset(f"CSV:path={tmp_path}/meta.csv:on_error=skip:in_chans=7")
+    with pytest.raises(DatasetError, match="no readable item left"):
+        all_bad[0]
     # the counter is shared with DataLoader worker processes
     counted = build_dataset(f"CSV:path={tmp_path}/meta.csv:on_error=skip")
     loader = torch.utils.data.DataLoader(counted, batch_size=1, num_workers=2, collate_fn=lambda b: b)

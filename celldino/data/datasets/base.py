@@ -56,7 +56,8 @@ class SkipCounter:
     multiprocessing Value inherited by fork / spawn), so the trainer can report it from the main process."""
 
     def __init__(self):
-        self._value = multiprocessing.Value("q", 0)
+        # a spawn-context Value can be inherited by fork children and pickled into spawn / forkserver ones
+        self._value = multiprocessing.get_context("spawn").Value("q", 0)
         self._local = 0
 
     def increment(self) -> None:
@@ -119,6 +120,7 @@ class ImageDataset(Dataset):
         self.separate_channels = bool(separate_channels)
         self.on_error = on_error
         self.skipped = SkipCounter()
+        self._unreadable: set = set()  # per process: items known to be unreadable (on_error=skip)
         self._paths: List[str] = []
         self._targets: List[Any] = []
         self._row_channel_names: Optional[List[Optional[List[str]]]] = None
@@ -214,18 +216,30 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int):
         if self.on_error == "raise":
             return self._load(index)
+        # skip: an unreadable item is replaced by the next readable one. `skipped` counts replaced requests
+        # (one per fetch of an unreadable item); files found unreadable are remembered by this process and
+        # not read (or logged) again.
         n = len(self)
-        for attempt in range(min(n, _MAX_CONSECUTIVE_SKIPS)):
+        reads = 0
+        for attempt in range(n):
             j = (index + attempt) % n
+            if j in self._unreadable:
+                continue
+            reads += 1
             try:
-                return self._load(j)
+                item = self._load(j)
             except ImageReadError as e:
+                self._unreadable.add(j)
+                logger.warning("%s: skipping unreadable item %d (%s)", self.name, j, e)
+                if reads >= _MAX_CONSECUTIVE_SKIPS:
+                    raise DatasetError(
+                        f"{self.name}: {reads} consecutive unreadable items from index {index}; last: {e}"
+                    ) from None
+                continue
+            if attempt:
                 self.skipped.increment()
-                logger.warning("%s: skipping item %d (%s); %d skipped so far", self.name, j, e, self.skipped.value)
-        raise DatasetError(
-            f"{self.name}: {min(n, _MAX_CONSECUTIVE_SKIPS)} consecutive unreadable items from index {index}; "
-            f"last file {self.image_path((index + min(n, _MAX_CONSECUTIVE_SKIPS) - 1) % n)}"
-        )
+            return item
+        raise DatasetError(f"{self.name}: no readable item left (all {n} items failed to load)")
 
     def __repr__(self) -> str:
         extra = f", separate channels x{self._n_channels}" if self.separate_channels else ""
