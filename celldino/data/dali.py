@@ -328,7 +328,8 @@ class DaliTiffLoader:
         self.channels = [int(c) for c in channels] if channels is not None else None
         self.on_error = on_error
         self.num_threads, self.prefetch = int(num_threads), int(prefetch)
-        self._epoch = int(start_epoch)  # epoch of the pipeline's DALI epoch 0
+        self._epoch = int(start_epoch)  # epoch of the next (or current) pass
+        self._base_epoch = self._epoch  # epoch of the current pipeline's DALI epoch 0
         self._shard_len = len(shard_indices(len(self.paths), self.shard_id, self.num_shards,
                                             shuffle=False, pad=self.pad))
         if self._shard_len == 0:
@@ -340,9 +341,9 @@ class DaliTiffLoader:
         self._reasons = Counter()
         self._pool = None
         self._pipe = None
-        self._dali_epochs = 0  # epochs the current pipeline has finished
         self._mid_epoch = False
         self._in_flight = []  # file lists of batches handed to DALI and not yet returned
+        self._reads = {}  # (epoch, iteration) -> futures of that batch's reads (None: past the end)
 
     # -- bookkeeping ------------------------------------------------------------------------------------------
 
@@ -369,7 +370,9 @@ class DaliTiffLoader:
         if order is None:
             order = shard_indices(len(self.paths), self.shard_id, self.num_shards, shuffle=self.shuffle,
                                   seed=self.seed, epoch=epoch, pad=self.pad)
-            self._orders = {epoch: order}  # an epoch's order is needed until the next one starts
+            # DALI may ask for the next epoch's first batches while this one is still being consumed
+            self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
+            self._orders[epoch] = order
         return order
 
     # -- reading (runs in our thread pool, called from DALI's input callback) ---------------------------------
@@ -429,15 +432,29 @@ class DaliTiffLoader:
         raise ImageReadError(self.paths[index], f"{min(n, _MAX_CONSECUTIVE_SKIPS)} consecutive unreadable files "
                                                 f"from this one on")
 
-    def _next_batch(self, info):
-        """DALI batch-mode input callback: the `info.iteration`-th batch of DALI epoch `info.epoch_idx`."""
-        order = self.shard_order(self._epoch + info.epoch_idx)
-        start = info.iteration * self.batch_size
+    def _submit_reads(self, epoch: int, iteration: int):
+        key = (epoch, iteration)
+        if key in self._reads:
+            return
+        order = self.shard_order(epoch)
+        start = iteration * self.batch_size
         stop = min(start + self.batch_size, len(order))
         if start >= len(order) or (self.drop_last and stop - start < self.batch_size):
+            self._reads[key] = None
+        else:
+            self._reads[key] = [self._pool.submit(self._read_or_skip, i) for i in order[start:stop].tolist()]
+
+    def _next_batch(self, info):
+        """DALI batch-mode input callback (runs in the thread that calls pipe.run()): the `info.iteration`-th
+        batch of DALI epoch `info.epoch_idx`. Reads run in our pool `prefetch` batches ahead, so the callback
+        mostly collects finished reads instead of blocking the training loop on file I/O."""
+        epoch = self._base_epoch + info.epoch_idx
+        for ahead in range(self.prefetch + 1):
+            self._submit_reads(epoch, info.iteration + ahead)
+        futures = self._reads.pop((epoch, info.iteration))
+        if futures is None:
             raise StopIteration
-        ids = order[start:stop].tolist()
-        samples = list(self._pool.map(self._read_or_skip, ids))
+        samples = [f.result() for f in futures]
         self._in_flight.append([self.paths[s[2]] for s in samples])
         enc, fb, idx, flag = zip(*samples)
         return (list(enc), list(fb), [np.array(i, np.int64) for i in idx], [np.array(f) for f in flag])
@@ -494,7 +511,10 @@ class DaliTiffLoader:
     def _reset_pipeline(self):
         self._pipe = None
         self._in_flight.clear()
-        self._dali_epochs = 0
+        for futures in self._reads.values():
+            for f in futures or ():
+                f.cancel()
+        self._reads.clear()
         self._mid_epoch = False
 
     def __iter__(self):
@@ -505,10 +525,9 @@ class DaliTiffLoader:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max(1, self.num_threads), thread_name_prefix="celldino-dali-read")
         if self._pipe is None:
+            self._base_epoch = self._epoch
             self._pipe = self._build()
-            self._dali_epochs = 0
-        base = self._epoch - self._dali_epochs  # the pipeline's DALI epoch 0
-        self._epoch, self._mid_epoch = base + self._dali_epochs, True
+        self._mid_epoch = True
         gpu_ctx = torch.cuda.device(self.device_id) if self.device == "gpu" else None
         while True:
             try:
@@ -534,7 +553,6 @@ class DaliTiffLoader:
                 yield self._to_torch(outputs)
         self._pipe.reset()
         self._in_flight.clear()
-        self._dali_epochs += 1
         self._epoch += 1
         self._mid_epoch = False
         stats = self.stats
