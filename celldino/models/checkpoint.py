@@ -70,13 +70,21 @@ def read_checkpoint(path):
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        match = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if match is None:
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)})") from exc
         raise CheckpointError(
-            f"{path}: refusing to load: the file contains pickled Python objects other than tensors and plain "
-            f"containers, and celldino only loads checkpoints with torch.load(weights_only=True). Re-save it as a "
-            f"plain state dict (or safetensors) from a trusted environment. Details: {exc}") from exc
+            f"{path}: refusing to load: the file contains a pickled Python object ({match.group(1)}) besides "
+            "tensors and plain containers, and celldino only loads checkpoints with torch.load(weights_only=True). "
+            "Re-save the weights as a plain state dict (or safetensors) in a trusted environment.") from exc
     except Exception as exc:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
     return obj, {}
+
+
+def _first_line(exc):
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[-1] if lines else ''}"
 
 
 def _strip_wrappers(key):

@@ -105,3 +105,29 @@ def forward(state_dict, x, num_heads, masks=None, offset=0.1, antialias=False):
         per_block.append(t)
     normed = layer_norm(t, state_dict["norm.weight"].double(), state_dict["norm.bias"].double())
     return normed, t, per_block
+
+
+def spec_keys(dim, depth, patch, in_chans, img, registers, chunks, layerscale=True, ffn="mlp"):
+    """{key: shape} written from the spec's description of the reference state dict."""
+    n = (img // patch) ** 2
+    keys = {"cls_token": (1, 1, dim), "pos_embed": (1, n + 1, dim), "mask_token": (1, dim),
+            "patch_embed.proj.weight": (dim, in_chans, patch, patch), "patch_embed.proj.bias": (dim,),
+            "norm.weight": (dim,), "norm.bias": (dim,)}
+    if registers:
+        keys["register_tokens"] = (1, registers, dim)
+    for i in range(depth):
+        prefix = f"blocks.{i // (depth // chunks)}.{i}" if chunks else f"blocks.{i}"
+        block = {"norm1.weight": (dim,), "norm1.bias": (dim,), "attn.qkv.weight": (3 * dim, dim),
+                 "attn.qkv.bias": (3 * dim,), "attn.proj.weight": (dim, dim), "attn.proj.bias": (dim,),
+                 "norm2.weight": (dim,), "norm2.bias": (dim,)}
+        if ffn == "mlp":
+            block.update({"mlp.fc1.weight": (4 * dim, dim), "mlp.fc1.bias": (4 * dim,),
+                          "mlp.fc2.weight": (dim, 4 * dim), "mlp.fc2.bias": (dim,)})
+        else:  # swiglufused: hidden = (int(4D * 2/3) + 7) // 8 * 8
+            hidden = (int(4 * dim * 2 / 3) + 7) // 8 * 8
+            block.update({"mlp.w12.weight": (2 * hidden, dim), "mlp.w12.bias": (2 * hidden,),
+                          "mlp.w3.weight": (dim, hidden), "mlp.w3.bias": (dim,)})
+        if layerscale:
+            block.update({"ls1.gamma": (dim,), "ls2.gamma": (dim,)})
+        keys.update({f"{prefix}.{k}": v for k, v in block.items()})
+    return keys
