@@ -267,7 +267,7 @@ def _paths_of(source) -> List[str]:
         raise TypeError("DaliTiffLoader: pass a list of paths or a celldino dataset, not a single path")
     paths = getattr(source, "image_paths", None)
     if paths is None and hasattr(source, "image_path") and hasattr(source, "num_images"):
-        for attr, default in (("channels", None), ("separate_channels", False), ("in_chans", None)):
+        for attr, default in (("channels", None), ("separate_channels", False)):
             if getattr(source, attr, default) not in (default,):
                 raise ValueError(
                     f"DaliTiffLoader: the dataset sets {attr}={getattr(source, attr)!r}; the DALI loader decodes "
@@ -293,6 +293,8 @@ class DaliTiffLoader:
       (uint8 in a uint16 loader) are widened exactly by the fallback, anything not representable is an error.
     output_cast: None (keep dtype), "int32" or "float32" (values unchanged, cast inside the pipeline).
     channels: optional channel indices (order kept) applied to the decoded batch.
+    in_chans: required channel count of every file (default: the dataset's in_chans); a file with another count
+      is an ImageReadError naming it (or a skip).
     drop_last: drop this shard's last partial batch. pad: see `shard_indices`.
     on_error: "raise" (default: ImageReadError naming the file) or "skip" (unreadable files are counted in
       stats["skipped"], logged, and replaced by the next file of the epoch's order).
@@ -304,6 +306,7 @@ class DaliTiffLoader:
                  shard_id: int = 0, num_shards: int = 1, shuffle: bool = True, seed: int = 0,
                  drop_last: bool = False, pad: bool = True, dtype: str = "uint16",
                  output_cast: Optional[str] = None, channels: Optional[Sequence[int]] = None,
+                 in_chans: Optional[int] = None,
                  on_error: str = "raise", num_threads: int = 4, prefetch: int = 2, start_epoch: int = 0):
         if device not in ("gpu", "cpu"):
             raise ValueError(f"DaliTiffLoader: device={device!r}, expected 'gpu' or 'cpu'")
@@ -316,6 +319,9 @@ class DaliTiffLoader:
         if batch_size < 1:
             raise ValueError(f"DaliTiffLoader: batch_size={batch_size}, expected >= 1")
         self.paths = _paths_of(source)
+        if in_chans is None:
+            in_chans = getattr(source, "in_chans", None)
+        self.in_chans = int(in_chans) if in_chans is not None else None
         self.batch_size = int(batch_size)
         self.device = device
         if device == "gpu" and device_id is None:
@@ -398,10 +404,12 @@ class DaliTiffLoader:
             reason = dali_blocker(header, self.dtype)
         dt = _DTYPES[self.dtype]
         if reason is None:
+            self._check_channels(path, header.samples_per_pixel)
             with self._lock:
                 self._stats["dali"] += 1
             return data, np.zeros((0, 0, 0), dt), index, False
         arr = read_image(path)
+        self._check_channels(path, arr.shape[0])
         if arr.dtype != dt:
             if arr.dtype.kind != "u" or not np.can_cast(arr.dtype, dt, "safe"):
                 raise ImageReadError(path, f"{arr.dtype} pixels cannot be represented exactly as {dt} "
@@ -415,6 +423,10 @@ class DaliTiffLoader:
             logger.warning("DALI: %s: %s; decoding such files with tifffile instead (counted in loader.stats)",
                            path, reason)
         return np.zeros(0, np.uint8), np.ascontiguousarray(arr), index, True
+
+    def _check_channels(self, path, n):
+        if self.in_chans is not None and n != self.in_chans:
+            raise ImageReadError(path, f"expected {self.in_chans} channels (in_chans), the image has {n}")
 
     def _read_or_skip(self, index: int):
         if self.on_error == "raise":

@@ -341,5 +341,8 @@ def test_dataset_source(tmp_path):
             assert torch.equal(img, ref)
     with pytest.raises(ValueError, match="channels"):
         DaliTiffLoader(build_dataset(f"Folder:root={tmp_path}:channels=0,1"), 2, device="cpu")
+    assert len([b for b in DaliTiffLoader(build_dataset(f"Folder:root={tmp_path}:in_chans=4"), 2, device="cpu")]) == 2
+    with pytest.raises(ImageReadError, match="expected 5 channels"):
+        list(DaliTiffLoader(build_dataset(f"Folder:root={tmp_path}:in_chans=5"), 2, device="cpu"))
     with pytest.raises(TypeError):
         DaliTiffLoader(os.fspath(tmp_path), 2, device="cpu")
