@@ -386,22 +386,25 @@ class DaliTiffLoader:
     def _read_one(self, index: int):
         """-> (encoded bytes or empty, fallback C x H x W array or empty, index, is_fallback)."""
         path = self.paths[index]
-        try:
-            data = np.fromfile(path, dtype=np.uint8)
-        except FileNotFoundError:
-            raise ImageReadError(path, "file not found") from None
-        except OSError as exc:
-            raise ImageReadError(path, f"cannot read ({exc})") from None
-        reason = None
-        try:
-            header = parse_tiff_header(data, path)
-        except ImageReadError as exc:
-            if data[:4].tobytes() in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
-                raise  # a TIFF we cannot parse is broken: tifffile would fail on it too
-            reason = "not a TIFF"
-            del exc
+        if os.path.isdir(path):  # OME-Zarr and other directory stores
+            data, reason = None, "not a TIFF"
         else:
-            reason = dali_blocker(header, self.dtype)
+            try:
+                data = np.fromfile(path, dtype=np.uint8)
+            except FileNotFoundError:
+                raise ImageReadError(path, "file not found") from None
+            except OSError as exc:
+                raise ImageReadError(path, f"cannot read ({exc})") from None
+            try:
+                header = parse_tiff_header(data, path)
+                reason = dali_blocker(header, self.dtype)
+            except ImageReadError as exc:
+                # tifffile (read_image, below) is the authority: it decodes what our small parser does not know,
+                # and reports truncated / corrupt files with their name
+                is_tiff = data[:4].tobytes() in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+                reason = "TIFF header not understood by the DALI router" if is_tiff else "not a TIFF"
+                if is_tiff:
+                    logger.debug("DALI router: %s", exc)
         dt = _DTYPES[self.dtype]
         if reason is None:
             self._check_channels(path, header.samples_per_pixel)

@@ -92,7 +92,7 @@ def contiguous_files(tmp_path_factory):
 @pytest.fixture(scope="module")
 def fallback_files(tmp_path_factory):
     """Variants DALI must not see: planar (3 / 4 / 5 channels, the 3-channel one DALI would decode *wrongly*),
-    an OME multi-page stack, a uint8 file in a uint16 loader, and a PNG."""
+    an OME multi-page stack, a uint8 file in a uint16 loader, a PNG and a .npy array."""
     d = tmp_path_factory.mktemp("dali_fallback")
     rng = np.random.default_rng(2)
     paths = {}
@@ -108,6 +108,8 @@ def fallback_files(tmp_path_factory):
     with open(d / "rgb16.png", "wb") as f:
         f.write(imagecodecs.png_encode(png))
     paths["png"] = str(d / "rgb16.png")
+    np.save(d / "chw.npy", _random_image(rng, (4, 21, 27)))
+    paths["npy"] = str(d / "chw.npy")
     return paths
 
 
@@ -115,7 +117,7 @@ def fallback_files(tmp_path_factory):
 
 
 def test_header_matches_tifffile(contiguous_files, fallback_files):
-    for path in list(contiguous_files) + [p for k, p in fallback_files.items() if k != "png"]:
+    for path in list(contiguous_files) + [p for k, p in fallback_files.items() if k not in ("png", "npy")]:
         with open(path, "rb") as f:
             h = parse_tiff_header(f.read(), path)
         with tifffile.TiffFile(path) as tf:
@@ -183,6 +185,8 @@ def test_fallback_decodes_and_counts(fallback_files, contiguous_files, device, c
 
             with open(path, "rb") as f:
                 ref = np.moveaxis(imagecodecs.png_decode(f.read()), -1, 0)
+        elif path.endswith(".npy"):
+            ref = np.load(path)
         else:
             ref = _reference_chw(path).astype(np.uint16)  # the uint8 file is widened, values unchanged
         assert fb == (i < n_fb), path
@@ -193,7 +197,7 @@ def test_fallback_decodes_and_counts(fallback_files, contiguous_files, device, c
     reasons = stats["fallback_reasons"]
     assert reasons["planar TIFF (PlanarConfiguration=2)"] == 3
     assert sum(v for k, v in reasons.items() if k.startswith("multi-page")) == 1
-    assert reasons["not a TIFF"] == 1 and reasons["8-bit samples in a 16-bit pipeline"] == 1
+    assert reasons["not a TIFF"] == 2 and reasons["8-bit samples in a 16-bit pipeline"] == 1
     logged = " ".join(r.getMessage() for r in caplog.records)
     # the first file of each reason is named (reads run in parallel: whichever planar file came first)
     assert "planar" in logged and any(fallback_files[f"planar{c}"] in logged for c in (3, 4, 5))
