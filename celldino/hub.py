@@ -13,6 +13,8 @@ import os
 import sys
 from enum import Enum
 
+import torch
+
 from celldino.models import ARCHS, DinoVisionTransformer, arch_builder
 from celldino.models.checkpoint import (CheckpointError, infer_model_kwargs, load_backbone_state_dict,
                                         load_state_dict_strict, remap_block_keys, save_pth, save_safetensors)
@@ -82,8 +84,9 @@ def load_backbone(path, arch=None, **model_kwargs):
     """
     source = os.fspath(path)
     arch, kwargs, state_dict = backbone_kwargs_from_checkpoint(path, arch, **model_kwargs)
-    model = _build(arch, kwargs, source)
-    load_state_dict_strict(model, state_dict, source)
+    with torch.device("meta"):  # no random init: every weight comes from the file
+        model = _build(arch, kwargs, source)
+    load_state_dict_strict(model, state_dict, source, assign=True)
     logger.info("loaded %s (%s/%d, %d channels, img_size %d) from %s", arch or "custom ViT", arch,
                 model.patch_size, model.config["in_chans"], model.config["img_size"], source)
     return model.eval()
@@ -102,18 +105,19 @@ def _make_cell_dino_model(*, arch_name, patch_size, img_size, in_chans, pretrain
                       ffn_layer="mlp", block_chunks=4, num_register_tokens=0, interpolate_antialias=False,
                       interpolate_offset=0.1, channel_adaptive=channel_adaptive)
     vit_kwargs.update(kwargs)
-    model = arch_builder(arch_name)(**vit_kwargs)
-    if pretrained:
-        if pretrained_path is None:
-            if pretrained_url is not None:
-                raise ValueError(f"celldino does not download weights (got pretrained_url={pretrained_url!r}): "
-                                 "download the file yourself (Cell-DINO weights come by request, see "
-                                 "docs/models.md) and pass pretrained_path=<local file>")
-            raise ValueError("pass pretrained_path=<local weights file>, or pretrained=False for random weights")
-        state_dict, _ = load_backbone_state_dict(pretrained_path)
-        load_state_dict_strict(model, state_dict, os.fspath(pretrained_path))
-        model.eval()
-    return model
+    if not pretrained:
+        return arch_builder(arch_name)(**vit_kwargs)
+    if pretrained_path is None:
+        if pretrained_url is not None:
+            raise ValueError(f"celldino does not download weights (got pretrained_url={pretrained_url!r}): "
+                             "download the file yourself (Cell-DINO weights come by request, see "
+                             "docs/models.md) and pass pretrained_path=<local file>")
+        raise ValueError("pass pretrained_path=<local weights file>, or pretrained=False for random weights")
+    state_dict, _ = load_backbone_state_dict(pretrained_path)
+    with torch.device("meta"):  # no random init: every weight comes from the file
+        model = arch_builder(arch_name)(**vit_kwargs)
+    load_state_dict_strict(model, state_dict, os.fspath(pretrained_path), assign=True)
+    return model.eval()
 
 
 def cell_dino_hpa_vitl16(*, pretrained_url=None, pretrained_path=None, pretrained=True, weights=Weights.CELL_DINO,

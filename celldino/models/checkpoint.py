@@ -283,8 +283,11 @@ def _listing(title, items, limit=20):
     return [f"  {title} ({len(items)}): {shown}"]
 
 
-def load_state_dict_strict(model, state_dict, source="checkpoint"):
-    """Remap block keys to the model's chunking, then load strictly; a mismatch lists every problem."""
+def load_state_dict_strict(model, state_dict, source="checkpoint", assign=False):
+    """Remap block keys to the model's chunking, then load strictly; a mismatch lists every problem.
+
+    assign=True (for a model built on the meta device, which skips the random init) makes the loaded tensors,
+    cast to the model's dtypes, the parameters."""
     if hasattr(model, "n_blocks") and hasattr(model, "config"):
         state_dict = remap_block_keys(state_dict, model.config["block_chunks"], model.n_blocks)
     expected = model.state_dict()
@@ -298,7 +301,9 @@ def load_state_dict_strict(model, state_dict, source="checkpoint"):
         lines += _listing("missing keys", missing) + _listing("unexpected keys", unexpected)
         lines += _listing("shape mismatches", shapes)
         raise CheckpointMismatchError("\n".join(lines))
-    model.load_state_dict(state_dict, strict=True)
+    if assign:
+        state_dict = {k: v.to(expected[k].dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    model.load_state_dict(state_dict, strict=True, assign=assign)
     return model
 
 
