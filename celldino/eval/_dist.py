@@ -87,3 +87,20 @@ def gather_tensors(tensor: torch.Tensor, dst: int, group=None) -> Optional[List[
     if out is None:
         return None
     return [t.to(tensor.device) for t in out]
+
+
+def maybe_init_distributed() -> bool:
+    """Join the process group a launcher (torchrun: RANK / WORLD_SIZE / LOCAL_RANK) describes; returns whether
+    this process runs distributed. A plain single process stays without a group."""
+    import os
+
+    if is_enabled():
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "RANK" not in os.environ:
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    return True

@@ -340,9 +340,10 @@ def _labels_tensor(labels: List[np.ndarray]) -> Optional[torch.Tensor]:
         return None
     try:
         arr = np.stack(labels)
-    except ValueError:
-        raise ValueError("targets of different shapes (mixed single- and multi-label?)") from None
-    if arr.dtype == object or not np.issubdtype(arr.dtype, np.number) and arr.dtype != bool:
+    except ValueError:  # ragged / composite targets (e.g. (protein, cell) pairs): not usable as labels
+        logger.warning("targets are not class indices or equal-length multi-hot vectors; labels left out")
+        return None
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
         return None
     return torch.from_numpy(np.ascontiguousarray(arr)).long()
 

@@ -188,12 +188,8 @@ def _local_search(train_local: torch.Tensor, index_offset: int, queries: torch.T
 
 
 def _resolve_device(device) -> torch.device:
-    if device is None:
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
+    from .features import resolve_device
+    return resolve_device(device)
 
 
 def _shard_bounds(n: int, world: int) -> List[int]:

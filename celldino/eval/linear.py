@@ -73,6 +73,20 @@ def head_name(n_last_blocks: int, avgpool: bool, lr: float, wd: float) -> str:
     return f"classifier_{n_last_blocks}_blocks_avgpool_{avgpool}_lr_{lr:.5f}_wd_{wd:.2E}".replace(".", "_")
 
 
+def _unique_head_names(grid, n_last_blocks, avgpool) -> List[str]:
+    """Reference names; where the reference's 5-decimal lr collides (e.g. lrs 1e-5 and 2e-5 at batch 64 both
+    print as 0_00000 / 0_00001, and the reference then silently drops heads from its ModuleDict) those heads get
+    the lr in scientific notation instead."""
+    names = [head_name(n_last_blocks, avgpool, lr, wd) for lr, wd in grid]
+    counts = {n: names.count(n) for n in names}
+    for i, (lr, wd) in enumerate(grid):
+        if counts[names[i]] > 1:
+            names[i] = f"classifier_{n_last_blocks}_blocks_avgpool_{avgpool}_lr_{lr:.4e}_wd_{wd:.2E}".replace(".", "_")
+    if len(set(names)) != len(names):
+        raise ValueError("the learning-rate / weight-decay grid has duplicate entries")
+    return names
+
+
 class LinearHeadGrid(nn.Module):
     """H independent linear heads on the same input: x [B, F] -> logits [H, B, C]."""
 
@@ -83,9 +97,7 @@ class LinearHeadGrid(nn.Module):
         grid = [(lr, wd) for lr in learning_rates for wd in weight_decays]  # reference order: lr-major
         self.lrs = torch.tensor([g[0] for g in grid], dtype=torch.float64)
         self.wds = torch.tensor([g[1] for g in grid], dtype=torch.float64)
-        self.names = [head_name(n_last_blocks, avgpool, lr, wd) for lr, wd in grid]
-        if len(set(self.names)) != len(self.names):
-            raise ValueError("learning-rate / weight-decay grid gives duplicate head names")
+        self.names = _unique_head_names(grid, n_last_blocks, avgpool)
         h = len(grid)
         self.weight = nn.Parameter(torch.empty(h, num_classes, in_dim).normal_(0.0, 0.01, generator=generator))
         self.bias = nn.Parameter(torch.zeros(h, num_classes))
@@ -526,7 +538,8 @@ def evaluate_linear(model, train_dataset, val_dataset, *, test_datasets=None, mo
     _append_jsonl(results_path, {"iter": epochs * epoch_length}, group)
     _append_jsonl(results_path, {"best_classifier": {"name": out["best_classifier"], "accuracy": out["val"]}}, group)
     for k, v in results.items():
-        _append_jsonl(results_path, {k: v}, group)
+        if k != "best_classifier":  # written just above in the reference's {"name", "accuracy"} form
+            _append_jsonl(results_path, {k: v}, group)
     if sklearn_probe:
         train_f, train_y = feats(train_eval, "train")
         lr = logistic_regression_probe(train_f, train_y, val_f, val_y, test_sets=test_sets, metric=out["metric"],
