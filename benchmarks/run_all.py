@@ -22,6 +22,13 @@ def add_arguments(parser):
     parser.add_argument("--quick", action="store_true", help="smallest sizes only (CPU default)")
     parser.add_argument("--results-dir", default=str(common.RESULTS_DIR))
     parser.add_argument("--no-report", action="store_true", help="skip writing REPORT.md")
+    for name in BENCHMARKS:  # each benchmark's own options (prefixed with its name, e.g. --attn-layouts)
+        try:
+            module = importlib.import_module(f"{__package__}.bench_{name}")
+        except ImportError:
+            continue  # reported when run
+        if hasattr(module, "add_arguments"):
+            module.add_arguments(parser.add_argument_group(f"{name} benchmark"))
 
 
 def main(args):
