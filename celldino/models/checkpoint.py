@@ -56,6 +56,9 @@ def _is_safetensors(path):
 def read_checkpoint(path):
     """(object, metadata dict) from a .pth/.pt/.bin (weights_only) or a .safetensors file."""
     path = os.fspath(path)
+    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", str(path)):
+        raise CheckpointError(f"{path}: is a URL; celldino does not download weights: download the file yourself "
+                              "and pass its local path")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.endswith(".safetensors") or _is_safetensors(path):

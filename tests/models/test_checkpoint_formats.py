@@ -173,6 +173,8 @@ def test_unreadable_and_missing_files(tmp_path):
         read_checkpoint(junk)
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         read_checkpoint(tmp_path / "absent.pth")
+    with pytest.raises(CheckpointError, match="does not download"):
+        load_backbone("https://dl.fbaipublicfiles.com/some/weights.pth")
     bad_st = tmp_path / "bad.safetensors"
     bad_st.write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{abcd")
     with pytest.raises(CheckpointError, match="bad.safetensors: not a readable safetensors file"):
