@@ -210,3 +210,27 @@ def test_two_rank_sharded_knn_equals_single_process():
         for k in (1, 5, 40):
             torch.testing.assert_close(torch.from_numpy(full[k]), single[k][rows])
             torch.testing.assert_close(torch.from_numpy(sharded[k]), single[k][rows])
+
+
+def test_evaluate_knn_on_an_in_memory_model():
+    from eval_helpers import TensorItems, tiny_vit
+    from celldino.eval.knn import evaluate_knn
+
+    model = tiny_vit(in_chans=2, seed=0)
+
+    def items(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        labels = [i % 3 for i in range(n)]
+        # the class sets a strong per-channel offset: easy for any features
+        imgs = [torch.randn(2, 32, 32, generator=g) + 4.0 * torch.tensor([lab, 2 - lab])[:, None, None]
+                for lab in labels]
+        return TensorItems(imgs, labels)
+
+    out = evaluate_knn(model, items(30, 1), items(12, 2), test_dataset=items(9, 3), nb_knn=[1, 5],
+                       n_per_class_list=[-1, 2], n_tries=3, dataset_names={"val": "V", "test": "T"}, progress=False,
+                       batch_size=8)
+    assert out["metric"] == "mean_per_class_multiclass_f1" and out["n_train"] == 30
+    r = out["results"]
+    assert {"V_1 Top 1", "V_5 Top 1", "T_1 Top 1", "V_1_n2 Top 1", "V_1_n2 Top 1 std", "T_5_n2 Top 1"} <= set(r)
+    assert r["V_5 Top 1"] == 100.0 and r["T_5 Top 1"] == 100.0
+    assert len(out["report"]["val"]) == 3 and out["report"]["val"][0]["support"] == 4
