@@ -147,7 +147,7 @@ def load_backbone_state_dict(path):
     return backbone, decode_metadata(metadata)
 
 
-# ---- block key remapping ----------------------------------------------------------------------------------------------
+# ---- block key remapping ---------------------------------------------------------------------------------------------
 
 def block_index(key):
     """(global block index, rest of the key) for a block key in either layout, else None."""
@@ -179,7 +179,7 @@ def remap_block_keys(state_dict, block_chunks, depth=None):
     return out
 
 
-# ---- inference --------------------------------------------------------------------------------------------------------
+# ---- inference -------------------------------------------------------------------------------------------------------
 
 def _infer_mlp_ratio(embed_dim, hidden, swiglu):
     candidates = [4.0, hidden / embed_dim, hidden * 3 / (2 * embed_dim)]
@@ -276,7 +276,7 @@ def _first_block(state_dict):
     raise CheckpointError("no block 0 keys")
 
 
-# ---- strict loading ---------------------------------------------------------------------------------------------------
+# ---- strict loading --------------------------------------------------------------------------------------------------
 
 def _listing(title, items, limit=20):
     items = list(items)
@@ -310,7 +310,7 @@ def load_state_dict_strict(model, state_dict, source="checkpoint", assign=False)
     return model
 
 
-# ---- writing ----------------------------------------------------------------------------------------------------------
+# ---- writing ---------------------------------------------------------------------------------------------------------
 
 def encode_metadata(values):
     """safetensors metadata must be str -> str: JSON-encode every value."""
