@@ -153,6 +153,17 @@ def _chunk_sizes(n_train: int, n_query: int, dim: int, k: int, elem_bytes: int, 
     return train_chunk, max(1, int(query_chunk))
 
 
+def _similarities(queries: torch.Tensor, train: torch.Tensor) -> torch.Tensor:
+    """fp32 similarity block. bf16 / fp16 inputs on GPU accumulate and write fp32 (torch.mm out_dtype), so the
+    similarities are not rounded to 8 / 11 bits, which would create spurious top-k ties."""
+    if queries.dtype != torch.float32 and queries.is_cuda:
+        try:
+            return torch.mm(queries, train.T, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # older torch: no mm.dtype overload
+            pass
+    return (queries @ train.T).float()
+
+
 def _prepare(x: torch.Tensor, device, dtype, normalize: bool) -> torch.Tensor:
     x = x.to(device=device, non_blocking=True)
     if normalize:
@@ -179,7 +190,7 @@ def _local_search(train_local: torch.Tensor, index_offset: int, queries: torch.T
         t_chunk = _prepare(train_local[t0:t0 + tc], device, dtype, normalize)
         vs, is_ = [], []
         for q0 in range(0, n_q, qc):
-            sims = (queries[q0:q0 + qc] @ t_chunk.T).float()
+            sims = _similarities(queries[q0:q0 + qc], t_chunk)
             v, i = _block_topk(sims, k)
             vs.append(v)
             is_.append(i + (index_offset + t0))
