@@ -36,10 +36,11 @@ def _extension_modules():
     has_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     use_cuda = bool(cu) and (want_cuda == "1" or (want_cuda == "auto" and has_cuda))
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
-    extra = {"cxx": ["-O3", "-std=c++17"] + openmp}
+    extra = {"cxx": ["-O3", "-std=c++20", "-ffp-contract=off"] + openmp}
     macros = []
     if use_cuda:
-        extra["nvcc"] = ["-O3", "--use_fast_math", "-std=c++17"]
+        # IEEE division/sqrt and no FMA contraction: the kernel rounds exactly like the CPU twin (csrc/augment_math.h)
+        extra["nvcc"] = ["-O3", "-std=c++20", "--fmad=false"]
         macros.append(("CELLDINO_WITH_CUDA", "1"))
         ext = cpp_extension.CUDAExtension(
             "celldino._C", cpp + cu, extra_compile_args=extra, extra_link_args=openmp, define_macros=macros)
