@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Optional
 
 import numpy as np
 
@@ -48,76 +49,110 @@ def _label_info(dataset):
     return True, None
 
 
+class EmbedError(ValueError):
+    """A bad argument of embed_dataset (unknown colour column, output type, ...)."""
+
+
+def embed_dataset(model, dataset, output: str, *, umap_png: Optional[str] = None, color: Optional[str] = None,
+                  compute_projection: bool = True, n_last_blocks: int = 1, avgpool: bool = False,
+                  bag_of_channels: bool = False, normalize: bool = False, batch_size: int = 64, num_workers: int = 0,
+                  device=None, autocast_dtype="auto", cache_dir: Optional[str] = None, progress: bool = True,
+                  info: Optional[dict] = None) -> dict:
+    """Embed every item of a celldino dataset (with its eval transform) and write `output` (.npy + ids .csv,
+    or .h5ad with obsm['X_umap'] unless compute_projection=False), plus a UMAP PNG coloured by `color` (an obs
+    column; default label_name / label). Every rank computes its share; rank 0 writes.
+    Returns {"output", "sidecar", "umap_png", "projection", "n", "dim", "obs_columns"}."""
+    from . import _dist
+    from .export import build_obs, compute_umap, dataset_metadata, plot_embedding, write_anndata, write_npy
+    from .features import dataset_ids, extract_features
+
+    ext = os.path.splitext(output)[1].lower()
+    if ext not in (".npy", ".h5ad"):
+        raise EmbedError(f"output {output}: expected a .npy or .h5ad file name")
+    use_labels, class_names = _label_info(dataset)
+    metadata = dataset_metadata(dataset)
+    columns = list(metadata.columns) + (["label", "label_name"] if use_labels else [])
+    if color is not None and color not in columns:
+        raise EmbedError(f"colour column {color!r} is not in the metadata (columns: {', '.join(columns)})")
+    feats = extract_features(model, dataset, kind="cls", n_last_blocks=n_last_blocks, avgpool=avgpool,
+                             bag_of_channels=bag_of_channels, batch_size=batch_size, num_workers=num_workers,
+                             device=device, autocast_dtype=autocast_dtype, cache_dir=cache_dir, progress=progress,
+                             desc="embedding")
+    result = {"output": output, "sidecar": None, "umap_png": None, "projection": None,
+              "n": int(feats.features.shape[0]), "dim": int(feats.features.shape[1])}
+    if not _dist.is_main_process():
+        _dist.barrier()
+        return result
+    x = feats.features.numpy()
+    if normalize:
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    labels = feats.labels.numpy() if (use_labels and feats.labels is not None) else None
+    obs = build_obs(dataset_ids(dataset), metadata, labels, class_names)
+    if color is None:
+        color = next((c for c in ("label_name", "label") if c in obs.columns), None)
+    coords, projection = None, None
+    if umap_png or (ext == ".h5ad" and compute_projection):
+        coords, projection = compute_umap(x)
+    if ext == ".h5ad":
+        meta = {"n_last_blocks": n_last_blocks, "avgpool": avgpool, "bag_of_channels": bag_of_channels,
+                "normalized": normalize, **(info or {})}
+        write_anndata(output, x, obs, umap=coords, projection=projection or "none", info=meta,
+                      labels_matrix=labels if labels is not None and labels.ndim == 2 else None)
+    else:
+        if coords is not None:
+            obs = obs.copy()
+            obs["umap_1"], obs["umap_2"] = coords[:, 0], coords[:, 1]
+        result["sidecar"] = write_npy(output, x, obs)[1]
+    if umap_png:
+        plot_embedding(coords, umap_png, color=None if color is None else obs[color].to_numpy(), color_name=color,
+                       projection=projection)
+        result["umap_png"] = umap_png
+    result.update(projection=projection, obs_columns=list(obs.columns))
+    _dist.barrier()
+    return result
+
+
 def main(args) -> int:
     from celldino.data import build_dataset
     from celldino.data.datasets import DatasetError
 
-    from . import _dist
-    from .export import build_obs, compute_umap, dataset_metadata, plot_embedding, write_anndata, write_npy
-    from .features import dataset_ids, dataset_spec, extract_features, make_eval_transform
+    from .features import dataset_spec, make_eval_transform
 
-    is_main = setup(args)
-    ext = os.path.splitext(args.output)[1].lower()
-    if ext not in (".npy", ".h5ad"):
-        print(f"celldino embed: --output {args.output}: expected a .npy or .h5ad file name", file=sys.stderr)
-        return 2
+    setup(args)
     if args.n_last_blocks < 1:
         print("celldino embed: --n-last-blocks must be >= 1", file=sys.stderr)
+        return 2
+    if os.path.splitext(args.output)[1].lower() not in (".npy", ".h5ad"):
+        print(f"celldino embed: --output {args.output}: expected a .npy or .h5ad file name", file=sys.stderr)
         return 2
     model = load_model(args)
     if model is None:
         return 1
     try:
-        spec = dataset_spec(args.input)
-        dataset = build_dataset(spec, transform=make_eval_transform(args.crop_size, args.resize_size))
+        dataset = build_dataset(dataset_spec(args.input), transform=make_eval_transform(args.crop_size,
+                                                                                        args.resize_size))
     except (DatasetError, FileNotFoundError, ValueError) as exc:
         print(f"celldino embed: --input {args.input}: {exc}", file=sys.stderr)
         return 1
+    info = {"checkpoint": os.path.abspath(args.checkpoint), "input": args.input, "crop_size": args.crop_size,
+            "resize_size": args.resize_size}
     try:
-        feats = extract_features(model, dataset, kind="cls", n_last_blocks=args.n_last_blocks, avgpool=args.avgpool,
-                                 bag_of_channels=args.bag_of_channels, batch_size=args.batch_size,
-                                 num_workers=args.num_workers, device=args.device, autocast_dtype=autocast_arg(args),
-                                 cache_dir=args.cache_dir, progress=not args.no_progress, desc="embedding")
+        out = embed_dataset(model, dataset, args.output, umap_png=args.umap, color=args.color,
+                            compute_projection=not args.no_umap, n_last_blocks=args.n_last_blocks,
+                            avgpool=args.avgpool, bag_of_channels=args.bag_of_channels, normalize=args.normalize,
+                            batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
+                            autocast_dtype=autocast_arg(args), cache_dir=args.cache_dir,
+                            progress=not args.no_progress, info=info)
+    except EmbedError as exc:
+        print(f"celldino embed: {exc}", file=sys.stderr)
+        return 2
     except (ValueError, TypeError) as exc:
         print(f"celldino embed: {exc}", file=sys.stderr)
         return 1
-    if not is_main:
-        _dist.barrier()
-        return 0
-    x = feats.features.numpy()
-    if args.normalize:
-        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    use_labels, class_names = _label_info(dataset)
-    labels = feats.labels.numpy() if (use_labels and feats.labels is not None) else None
-    obs = build_obs(dataset_ids(dataset), dataset_metadata(dataset), labels, class_names)
-
-    color = args.color
-    if color is None:
-        color = next((c for c in ("label_name", "label") if c in obs.columns), None)
-    elif color not in obs.columns:
-        print(f"celldino embed: --color {color!r} is not a column of the metadata (columns: "
-              f"{', '.join(obs.columns)})", file=sys.stderr)
-        return 2
-    coords, projection = None, "UMAP"
-    if args.umap or (ext == ".h5ad" and not args.no_umap):
-        coords, projection = compute_umap(x)
-    if ext == ".h5ad":
-        info = {"checkpoint": os.path.abspath(args.checkpoint), "input": args.input, "n_last_blocks": args.n_last_blocks,
-                "avgpool": args.avgpool, "bag_of_channels": args.bag_of_channels, "crop_size": args.crop_size,
-                "resize_size": args.resize_size, "normalized": args.normalize}
-        write_anndata(args.output, x, obs, umap=coords, projection=projection, info=info,
-                      labels_matrix=labels if labels is not None and labels.ndim == 2 else None)
-        print(f"wrote {x.shape[0]} x {x.shape[1]} embeddings to {args.output}"
-              + (f" (obsm['X_umap']: {projection})" if coords is not None else ""))
-    else:
-        if coords is not None:
-            obs = obs.copy()
-            obs["umap_1"], obs["umap_2"] = coords[:, 0], coords[:, 1]
-        _, sidecar = write_npy(args.output, x, obs)
-        print(f"wrote {x.shape[0]} x {x.shape[1]} embeddings to {args.output} (ids and metadata: {sidecar})")
-    if args.umap:
-        plot_embedding(coords, args.umap, color=None if color is None else obs[color].to_numpy(), color_name=color,
-                       projection=projection)
-        print(f"wrote the {projection} plot to {args.umap}")
-    _dist.barrier()
+    if out.get("obs_columns") is not None:
+        extra = f" (ids and metadata: {out['sidecar']})" if out["sidecar"] else (
+            f" (obsm['X_umap']: {out['projection']})" if out["projection"] else "")
+        print(f"wrote {out['n']} x {out['dim']} embeddings to {out['output']}{extra}")
+        if out["umap_png"]:
+            print(f"wrote the {out['projection']} plot to {out['umap_png']}")
     return 0

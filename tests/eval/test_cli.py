@@ -94,6 +94,9 @@ def test_embed_bad_inputs(tmp_path, checkpoint, subset_csv, capsys):
                      str(tmp_path / "x.npy"), "--no-progress"]) == 1
     assert "no such folder" in capsys.readouterr().err
     assert celldino(["embed", "--checkpoint", ckpt, "--input", VAL, "--output", str(tmp_path / "x.txt")]) == 2
+    assert celldino(["embed", "--checkpoint", ckpt, "--input", VAL, "--output", str(tmp_path / "x.npy"),
+                     "--color", "nope", "--no-progress"]) == 2
+    assert "'nope' is not in the metadata" in capsys.readouterr().err
     assert celldino(["embed", "--checkpoint", str(tmp_path / "missing.pth"), "--input", VAL, "--output",
                      str(tmp_path / "x.npy")]) == 1
     assert "cannot load --checkpoint" in capsys.readouterr().err
