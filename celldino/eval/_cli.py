@@ -37,9 +37,8 @@ def load_model(args):
     from celldino.hub import load_backbone
     from celldino.models.checkpoint import CheckpointError
 
-    kwargs = {}
     try:
-        return load_backbone(args.checkpoint, arch=args.arch, **kwargs)
+        return load_backbone(args.checkpoint, arch=args.arch)
     except (CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"celldino: cannot load --checkpoint {args.checkpoint}: {exc}", file=sys.stderr)
         return None

@@ -28,7 +28,7 @@ import logging
 import math
 import os
 from dataclasses import asdict, dataclass
-from typing import Any, List, Optional, Sequence
+from typing import List, Optional
 
 import numpy as np
 import torch

@@ -136,8 +136,8 @@ def _free_bytes(device: torch.device) -> int:
     return 8 * _CPU_BLOCK_BYTES
 
 
-def _chunk_sizes(n_train: int, n_query: int, dim: int, k: int, elem_bytes: int, device: torch.device,
-                 train_chunk: Optional[int], query_chunk: Optional[int], block_bytes: Optional[int]):
+def _chunk_sizes(n_train: int, n_query: int, device: torch.device, train_chunk: Optional[int],
+                 query_chunk: Optional[int], block_bytes: Optional[int]):
     """Rows per train chunk and per query chunk so that one [query_chunk, train_chunk] fp32 similarity block
     (plus topk / sort temporaries, ~3x) fits the budget."""
     if block_bytes is None:
@@ -180,8 +180,7 @@ def _local_search(train_local: torch.Tensor, index_offset: int, queries: torch.T
     best_i = torch.full((n_q, 0), -1, dtype=torch.long, device=device)
     if n_t == 0 or n_q == 0 or k == 0:
         return _pad_candidates(best_v, best_i, k)
-    tc, qc = _chunk_sizes(n_t, n_q, queries.shape[1], k, queries.element_size(), device, train_chunk,
-                          query_chunk, block_bytes)
+    tc, qc = _chunk_sizes(n_t, n_q, device, train_chunk, query_chunk, block_bytes)
     starts = range(0, n_t, tc)
     if progress:
         from tqdm.auto import tqdm

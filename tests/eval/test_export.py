@@ -3,7 +3,6 @@ import sys
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from celldino.eval.export import (build_obs, compute_umap, plot_embedding, read_anndata, write_anndata, write_npy)
 
