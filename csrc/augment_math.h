@@ -24,6 +24,7 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define CD_HD __host__ __device__ __forceinline__
@@ -162,6 +163,27 @@ CD_HD float normalize_pixel(float x, const NormStats& s) { return s.constant ? 0
 // Order-preserving int key of a float's bit pattern, for atomicMax of possibly negative maxima on the GPU.
 // The map is its own inverse: ordered_key(ordered_key(bits)) == bits.
 CD_HD int ordered_key(int float_bits) { return float_bits >= 0 ? float_bits : float_bits ^ 0x7FFFFFFF; }
+
+CD_HD int float_to_key(float f) {
+#if defined(__CUDA_ARCH__)
+  return ordered_key(__float_as_int(f));
+#else
+  int bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  return ordered_key(bits);
+#endif
+}
+
+CD_HD float key_to_float(int key) {
+  const int bits = ordered_key(key);
+#if defined(__CUDA_ARCH__)
+  return __int_as_float(bits);
+#else
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+#endif
+}
 
 }  // namespace aug
 }  // namespace celldino

@@ -26,6 +26,7 @@
 
 #include "augment_math.h"
 #include "fused_augment.h"
+#include "multicrop_plane.h"
 
 namespace celldino {
 namespace aug {
@@ -361,6 +362,126 @@ std::tuple<at::Tensor, at::Tensor> fused_multicrop_cpu(at::TensorList images_lis
   }
 }
 
+
+// ---------------------------------------------------------------------------------------------------------------
+// The CUDA kernel's per-plane code (multicrop_plane.h) run on the CPU, one emulated thread block per plane with
+// its threads executed one after the other between the block's barriers; the channel maxima go through the same
+// order-preserving keys as the GPU's atomicMax. Used by the tests to check the kernel logic without a GPU.
+
+template <typename In, typename Out>
+void emulate_kernel(const Batch& b, const std::vector<at::Tensor>& images, const int32_t* ci, const float* cf,
+                    const float* given_max, Out* gout, Out* lout, int nthreads) {
+  std::vector<int64_t> table(static_cast<size_t>(b.n_images * 3));
+  for (int64_t j = 0; j < b.n_images; ++j) {
+    table[j * 3] = static_cast<int64_t>(reinterpret_cast<uintptr_t>(images[j].data_ptr()));
+    table[j * 3 + 1] = b.heights[j];
+    table[j * 3 + 2] = b.widths[j];
+  }
+  std::vector<float> maxima;
+  const float* raw_max = nullptr;
+  if (b.any_needs_max) {
+    if (given_max != nullptr) {
+      raw_max = given_max;
+    } else {  // as channel_max_kernel + decode_keys_kernel: every image, max of keys
+      maxima.resize(static_cast<size_t>(b.n_images * b.channels));
+      for (int64_t j = 0; j < b.n_images; ++j) {
+        const int64_t n = b.heights[j] * b.widths[j];
+        for (int64_t c = 0; c < b.channels; ++c) {
+          const In* p = images[j].data_ptr<In>() + c * n;
+          int best = float_to_key(-INFINITY);
+          for (int64_t i = 0; i < n; ++i) best = std::max(best, float_to_key(to_float(p[i])));
+          maxima[j * b.channels + c] = key_to_float(best);
+        }
+      }
+      raw_max = maxima.data();
+    }
+  }
+  LaunchArgs<Out> a;
+  a.image_table = table.data();
+  a.crop_int = ci;
+  a.crop_float = cf;
+  a.raw_max = raw_max;
+  a.channels = static_cast<int>(b.channels);
+  a.n_global_rows = static_cast<int>(b.n_global_rows);
+  a.global_size = static_cast<int>(b.global_size);
+  a.local_size = static_cast<int>(b.local_size);
+  a.protein_channel = static_cast<int>(b.protein_channel);
+  a.divisor = b.divisor;
+  a.global_out = gout;
+  a.local_out = lout;
+  std::vector<Tap> xt(static_cast<size_t>(kMaxOutSize)), yt(static_cast<size_t>(kMaxOutSize));
+  for (int64_t plane = 0; plane < b.n_rows * b.channels; ++plane) {
+    const PlaneJob<In, Out> job = make_plane_job<In, Out>(a, plane);
+    if (job.dropped) {
+      for (int tid = 0; tid < nthreads; ++tid) phase_zero(job, tid, nthreads);
+      continue;
+    }
+    for (int tid = 0; tid < nthreads; ++tid) fill_taps(job, xt.data(), yt.data(), tid, nthreads);
+    double total = 0.0;
+    for (int tid = 0; tid < nthreads; ++tid) total += phase_sum(job, xt.data(), yt.data(), tid, nthreads);
+    const float mean_before = plane_mean(total, job.size);
+    Moments m = empty_moments();
+    for (int tid = 0; tid < nthreads; ++tid)
+      m = merge_moments(m, phase_moments(job, xt.data(), yt.data(), mean_before, tid, nthreads));
+    const NormStats st = finish_stats(m.s1, m.s2, m.lo, m.hi, mean_before, job.size * job.size);
+    for (int tid = 0; tid < nthreads; ++tid)
+      phase_write(job, xt.data(), yt.data(), mean_before, st, tid, nthreads);
+  }
+}
+
+template <typename In>
+std::tuple<at::Tensor, at::Tensor> run_emulated(const Batch& b, const std::vector<at::Tensor>& images,
+                                                const at::Tensor& crop_int, const at::Tensor& crop_float,
+                                                const c10::optional<at::Tensor>& channel_max, int nthreads) {
+  auto outs = allocate_outputs(b, images[0].options());
+  at::Tensor& g = std::get<0>(outs);
+  at::Tensor& l = std::get<1>(outs);
+  const float* given = channel_max.has_value() && channel_max->defined() ? channel_max->data_ptr<float>() : nullptr;
+  const int32_t* ci = crop_int.data_ptr<int32_t>();
+  const float* cf = crop_float.data_ptr<float>();
+  switch (b.out_dtype) {
+    case at::kFloat:
+      emulate_kernel<In, float>(b, images, ci, cf, given, g.data_ptr<float>(), l.data_ptr<float>(), nthreads);
+      break;
+    case at::kBFloat16:
+      emulate_kernel<In, at::BFloat16>(b, images, ci, cf, given, g.data_ptr<at::BFloat16>(),
+                                       l.data_ptr<at::BFloat16>(), nthreads);
+      break;
+    case at::kHalf:
+      emulate_kernel<In, at::Half>(b, images, ci, cf, given, g.data_ptr<at::Half>(), l.data_ptr<at::Half>(),
+                                   nthreads);
+      break;
+    default:
+      TORCH_CHECK(false, "fused_multicrop: unsupported out_dtype");
+  }
+  return outs;
+}
+
+std::tuple<at::Tensor, at::Tensor> fused_multicrop_emulated(at::TensorList images_list, const at::Tensor& crop_int,
+                                                            const at::Tensor& crop_float,
+                                                            const c10::optional<at::Tensor>& channel_max,
+                                                            int64_t n_global_rows, int64_t global_size,
+                                                            int64_t local_size, int64_t protein_channel,
+                                                            double divisor, at::ScalarType out_dtype,
+                                                            int64_t threads_per_block) {
+  std::vector<at::Tensor> images(images_list.begin(), images_list.end());
+  const Batch b = validate_batch(images, crop_int, crop_float, channel_max, n_global_rows, global_size, local_size,
+                                 protein_channel, divisor, out_dtype);
+  TORCH_CHECK(images[0].device().is_cpu(), "_fused_multicrop_emulated runs on CPU tensors");
+  TORCH_CHECK(threads_per_block >= 1 && threads_per_block <= 1024, "threads_per_block must lie in [1, 1024]");
+  const int nt = static_cast<int>(threads_per_block);
+  switch (b.in_dtype) {
+    case at::kByte:
+      return run_emulated<uint8_t>(b, images, crop_int, crop_float, channel_max, nt);
+    case at::kUInt16:
+      return run_emulated<uint16_t>(b, images, crop_int, crop_float, channel_max, nt);
+    case at::kFloat:
+      return run_emulated<float>(b, images, crop_int, crop_float, channel_max, nt);
+    default:
+      TORCH_CHECK(false, "fused_multicrop: unsupported input dtype");
+  }
+}
+
 }  // namespace
 
 }  // namespace aug
@@ -371,9 +492,17 @@ TORCH_LIBRARY_FRAGMENT(celldino, m) {
       "fused_multicrop(Tensor[] images, Tensor crop_int, Tensor crop_float, Tensor? channel_max, "
       "int n_global_rows, int global_size, int local_size, int protein_channel, float divisor, "
       "ScalarType out_dtype) -> (Tensor, Tensor)");
+  // test helper: the CUDA kernel's code run on the CPU (see multicrop_plane.h)
+  m.def(
+      "_fused_multicrop_emulated(Tensor[] images, Tensor crop_int, Tensor crop_float, Tensor? channel_max, "
+      "int n_global_rows, int global_size, int local_size, int protein_channel, float divisor, "
+      "ScalarType out_dtype, int threads_per_block) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(celldino, CPU, m) { m.impl("fused_multicrop", &celldino::aug::fused_multicrop_cpu); }
+TORCH_LIBRARY_IMPL(celldino, CPU, m) {
+  m.impl("fused_multicrop", &celldino::aug::fused_multicrop_cpu);
+  m.impl("_fused_multicrop_emulated", &celldino::aug::fused_multicrop_emulated);
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "celldino fused multi-crop augmentation (op: torch.ops.celldino.fused_multicrop)";
