@@ -1,20 +1,41 @@
 """Student / teacher networks and the Cell-DINO / DINOv2 objective (reference: dinov2/train/ssl_meta_arch.py).
 
 `compute_losses(batch, teacher_temp)` returns the loss to backpropagate and a dict of its terms; the trainer owns
-backward, clipping, the optimizer and the EMA (`update_teacher`). Compared with the reference:
+backward, clipping (`clip_gradients`, per student submodule), the optimizer (`get_params_groups`) and the EMA
+(`update_teacher`). Compared with the reference:
 - the student heads run once on one concatenated [rows, D] buffer (no xFormers BlockDiagonalMask needed: a head is
   row-wise, so concatenation is exact);
-- the logged `koleo_loss` and `ibot_loss` are the values actually optimised (the reference logs them halved).
+- the logged `koleo_loss` and `ibot_loss` are the values actually optimised (the reference logs them halved), so
+  the logged total is the optimised loss;
+- KoLeo runs in fp32 whatever the compute dtype (the reference: fp16, where its eps underflows);
+- student.pretrained_weights loads strictly (the reference: strict=False).
 """
 import logging
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from celldino.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from celldino.models import DINOHead, build_model_from_cfg
 
+from .optim import clip_grad_norm
+from .param_groups import fuse_params_groups, get_params_groups_with_decay
+
 logger = logging.getLogger("celldino")
+
+
+def _local(param):
+    return param.to_local() if isinstance(param, DTensor) else param.detach()
+
+
+def _load_pretrained(backbone, path):
+    """Initialise the student backbone from a checkpoint (any format celldino reads), strictly: the reference
+    loads with strict=False, which silently keeps random weights for every key that does not match."""
+    from celldino.models.checkpoint import load_backbone_state_dict, load_state_dict_strict
+    state_dict, _ = load_backbone_state_dict(path)
+    load_state_dict_strict(backbone, state_dict, source=str(path))
+    logger.info("student backbone initialised from %s", path)
 
 
 def _make_head(cfg_section, embed_dim):
@@ -27,6 +48,8 @@ class SSLMetaArch(nn.Module):
         super().__init__()
         self.cfg = cfg
         student_backbone, teacher_backbone, embed_dim = build_model_from_cfg(cfg)
+        if cfg.student.pretrained_weights:
+            _load_pretrained(student_backbone, cfg.student.pretrained_weights)
         self.embed_dim = embed_dim
         student, teacher = {"backbone": student_backbone}, {"backbone": teacher_backbone}
 
@@ -55,6 +78,20 @@ class SSLMetaArch(nn.Module):
         for p in self.teacher.parameters():
             p.requires_grad = False
         logger.info("student and teacher built: %s, embed dim %d", cfg.student.arch, embed_dim)
+
+    def get_params_groups(self):
+        """Optimizer groups of every student submodule, fused per submodule (as the reference)."""
+        groups = []
+        for module in self.student.values():
+            groups += fuse_params_groups(get_params_groups_with_decay(
+                module, lr_decay_rate=self.cfg.optim.layerwise_decay,
+                patch_embed_lr_mult=self.cfg.optim.patch_embed_lr_mult))
+        return groups
+
+    def clip_gradients(self, max_norm):
+        """Clip each student submodule (backbone, heads) separately to max_norm, as the reference;
+        returns {submodule: total norm before clipping}."""
+        return {name: clip_grad_norm(module.parameters(), max_norm) for name, module in self.student.items()}
 
     def set_process_group(self, group):
         """Process group for the loss reductions (centering / Sinkhorn all-reduces)."""
@@ -167,8 +204,9 @@ class SSLMetaArch(nn.Module):
                 [global_after_head], [dino_targets.flatten(0, 1)]) * 2 / n_terms
             total = total + self.cfg.dino.loss_weight * losses["dino_global_crops_loss"]
             if self.do_koleo:
+                # in fp32 whatever the compute dtype (the reference runs it in fp16, where eps=1e-8 underflows)
                 losses["koleo_loss"] = self.cfg.dino.koleo_loss_weight * sum(
-                    self.koleo_loss(p) for p in global_cls.chunk(n_global))
+                    self.koleo_loss(p.float()) for p in global_cls.chunk(n_global))
                 total = total + losses["koleo_loss"]
         if self.do_ibot:
             # x2 (the two global crops are processed together) x 1/2 (ibot_loss_scale) = x1, as the reference
@@ -189,7 +227,8 @@ class SSLMetaArch(nn.Module):
             t_params = list(self.teacher[key].parameters())
             if len(s_params) != len(t_params):
                 raise RuntimeError(f"student/teacher {key} have different parameter lists")
-            student_params += [p.detach() for p in s_params]
-            teacher_params += t_params
+            # FSDP2: both are sharded alike, so the update runs on the local shards
+            student_params += [_local(p) for p in s_params]
+            teacher_params += [_local(p) for p in t_params]
         torch._foreach_mul_(teacher_params, momentum)
         torch._foreach_add_(teacher_params, student_params, alpha=1 - momentum)

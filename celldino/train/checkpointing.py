@@ -1,0 +1,202 @@
+"""Training checkpoints (torch.distributed.checkpoint) and teacher exports.
+
+Layout under the output directory:
+    checkpoints/iter_<iteration:08d>/    one DCP checkpoint (every rank writes its shards) + meta.json
+    checkpoints/.tmp-iter_<...>/         a save in progress (ignored and cleaned up on resume)
+    eval/training_<iteration>/teacher_checkpoint.pth         {"teacher": {"backbone.*", "dino_head.*"}}
+    eval/training_<iteration>/teacher_backbone.safetensors   the teacher backbone + model settings (metadata)
+
+Checkpoints are independent of the world size (DCP reshards on load: save on 4 ranks, resume on 2) and atomic: a
+save goes to a temporary directory that is renamed once every rank has finished writing and meta.json is on disk,
+so a kill during a save leaves the previous checkpoint usable. The newest `keep` checkpoints are kept.
+`iteration` in meta.json is the last completed iteration (the reference's convention): training resumes at +1.
+"""
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
+from torch.distributed.checkpoint.stateful import Stateful
+
+from . import distributed
+
+logger = logging.getLogger("celldino")
+
+CHECKPOINT_DIR = "checkpoints"
+_NAME = re.compile(r"^iter_(\d+)$")
+
+
+class TrainState(Stateful):
+    """What a checkpoint holds: the SSLMetaArch (student, teacher, loss centers), the optimizer, the grad scaler."""
+
+    def __init__(self, model, optimizer, scaler=None):
+        self.model, self.optimizer, self.scaler = model, optimizer, scaler
+
+    def state_dict(self):
+        # the lagged center update of the last step is folded in now: the next step would apply it first
+        # anyway, so this changes nothing and makes the saved centers complete
+        for loss in (getattr(self.model, "dino_loss", None), getattr(self.model, "ibot_patch_loss", None)):
+            if loss is not None:
+                loss.apply_center_update()
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state):
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+
+
+def checkpoint_root(output_dir):
+    return Path(output_dir) / CHECKPOINT_DIR
+
+
+def list_checkpoints(output_dir):
+    """Complete checkpoints, oldest first: [(iteration, path)]."""
+    root = checkpoint_root(output_dir)
+    found = []
+    if root.is_dir():
+        for path in root.iterdir():
+            match = _NAME.match(path.name)
+            if match and (path / "meta.json").is_file() and (path / ".metadata").is_file():
+                found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns on every single-process save/load that it assumes a single process: that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _fsync_dir(path):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(output_dir, iteration, state, keep=3, extra_meta=None):
+    """Collective: every rank calls it. Returns the final checkpoint path."""
+    root = checkpoint_root(output_dir)
+    name = f"iter_{iteration:08d}"
+    final, tmp = root / name, root / f".tmp-{name}"
+    start = time.time()
+    if distributed.is_main_process():
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    distributed.barrier()
+    with _single_process_quiet():
+        dcp.save({"train": state}, checkpoint_id=str(tmp), no_dist=not distributed.is_initialized())
+    distributed.barrier()
+    if distributed.is_main_process():
+        meta = {"iteration": int(iteration), "world_size": distributed.world_size(), "time": time.time()}
+        meta.update(extra_meta or {})
+        meta_tmp = tmp / "meta.json.tmp"
+        with open(meta_tmp, "w") as f:
+            json.dump(meta, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(meta_tmp, tmp / "meta.json")
+        _fsync_dir(tmp)
+        if final.exists():  # the same iteration saved again (e.g. a rerun that stopped at the same point)
+            trash = root / f".old-{name}"
+            if trash.exists():
+                shutil.rmtree(trash)
+            os.replace(final, trash)
+            os.replace(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(root)
+        for _, old in list_checkpoints(output_dir)[:-keep] if keep and keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+        logger.info("checkpoint saved: %s (%.1f s)", final, time.time() - start)
+    distributed.barrier()
+    return final
+
+
+def clean_partial_saves(output_dir):
+    root = checkpoint_root(output_dir)
+    if distributed.is_main_process() and root.is_dir():
+        for path in root.iterdir():
+            if path.name.startswith((".tmp-", ".old-")):
+                logger.warning("removing an interrupted checkpoint save: %s", path)
+                shutil.rmtree(path, ignore_errors=True)
+    distributed.barrier()
+
+
+def load_latest(output_dir, state):
+    """Load the newest complete checkpoint into `state`; returns (iteration, path) or (None, None).
+
+    Collective: rank 0 picks the checkpoint and every rank loads the same one. A checkpoint that cannot be read
+    is reported and the next older one is tried."""
+    candidates = [str(p) for _, p in list_checkpoints(output_dir)] if distributed.is_main_process() else None
+    candidates = distributed.broadcast_object(candidates)
+    for path in reversed(candidates):
+        try:
+            with _single_process_quiet():
+                dcp.load({"train": state}, checkpoint_id=path, no_dist=not distributed.is_initialized())
+        except Exception as exc:  # noqa: BLE001 - fall back to an older checkpoint, loudly
+            logger.error("cannot load checkpoint %s (%s: %s); trying an older one", path, type(exc).__name__, exc)
+            continue
+        with open(Path(path) / "meta.json") as f:
+            meta = json.load(f)
+        logger.info("resumed from %s (iteration %d, saved by %d ranks)", path, meta["iteration"],
+                    meta.get("world_size", 1))
+        return int(meta["iteration"]), Path(path)
+    if candidates:
+        raise RuntimeError(f"none of the checkpoints under {checkpoint_root(output_dir)} could be loaded")
+    return None, None
+
+
+# ---- teacher export ------------------------------------------------------------------------------------------------
+
+def _backbone_metadata(backbone, cfg):
+    from celldino.models import ARCHS
+    config = dict(backbone.config)
+    arch = next((name for name, dims in ARCHS.items() if all(config[k] == v for k, v in dims.items())), None)
+    return {"arch": arch, **config, "source": "celldino train", "student_arch": str(cfg.student.arch)}
+
+
+def export_teacher(model, cfg, output_dir, tag):
+    """Collective: gather the full teacher and write eval/<tag>/teacher_checkpoint.pth (reference layout) and
+    teacher_backbone.safetensors (loadable by celldino.hub.load_backbone) from rank 0."""
+    from celldino.models.checkpoint import save_safetensors
+    state = get_model_state_dict(model.teacher, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not distributed.is_main_process():
+        return None
+    state = {k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.cpu() for k, v in state.items()}
+    out = Path(output_dir) / "eval" / tag
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "teacher_checkpoint.pth"
+    tmp = out / ".teacher_checkpoint.pth.tmp"
+    torch.save({"teacher": state}, tmp)
+    os.replace(tmp, path)
+    backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    save_safetensors(backbone, out / "teacher_backbone.safetensors",
+                     metadata=_backbone_metadata(model.teacher.backbone, cfg))
+    logger.info("teacher exported: %s", path)
+    return path

@@ -1,0 +1,103 @@
+"""Process-group set-up for training: torchrun (env://), SLURM (submitit) or a single process.
+
+torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; under submitit the SLURM variables are
+translated to the same names before calling `init`. A single process on a GPU gets a 1-rank group (FSDP2 needs
+one, as the reference always creates one); a single CPU process runs without a group.
+"""
+import datetime
+import logging
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger("celldino")
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env_world():
+    """(rank, world_size, local_rank) from the environment (torchrun / SLURM translated), or (0, 1, 0)."""
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    return rank, world, local_rank
+
+
+def select_device(requested="auto", local_rank=0):
+    requested = str(requested or "auto")
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device=cuda but no CUDA GPU is visible")
+        device = torch.device("cuda", local_rank if requested == "cuda" else torch.device(requested).index)
+        torch.cuda.set_device(device)
+        return device
+    if requested != "cpu":
+        raise ValueError(f"train.device: expected auto, cpu or cuda[:N], got {requested!r}")
+    return torch.device("cpu")
+
+
+def init(device, timeout_minutes=30):
+    """Initialise the default process group when needed; returns (rank, world_size, we_created_it)."""
+    rank, world, _ = env_world()
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    if world == 1 and device.type == "cpu":
+        return 0, 1, False
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    if world == 1 and "MASTER_ADDR" not in os.environ:
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+                                timeout=timeout, device_id=device if device.type == "cuda" else None)
+    else:
+        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world, timeout=timeout,
+                                device_id=device if device.type == "cuda" else None)
+    logger.info("process group: %s, rank %d of %d", backend, rank, world)
+    return rank, world, True
+
+
+def is_initialized():
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size():
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def rank():
+    return dist.get_rank() if is_initialized() else 0
+
+
+def is_main_process():
+    return rank() == 0
+
+
+def barrier():
+    if is_initialized() and world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_sum(tensor):
+    if is_initialized() and world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def broadcast_object(obj, src=0):
+    if not (is_initialized() and world_size() > 1):
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+def destroy():
+    if is_initialized():
+        dist.destroy_process_group()

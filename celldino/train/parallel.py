@@ -1,0 +1,208 @@
+"""Activation checkpointing -> per-block torch.compile -> FSDP2, in that order (torchtitan / DINOv3), in one place.
+
+`parallelize(model, plan, device)` takes an SSLMetaArch on the CPU and returns it ready to train:
+- activation checkpointing per transformer block of the student (none | full | selective: matmul and attention
+  outputs saved, everything else recomputed), done by wrapping the block's forward so that parameter names and
+  state-dict keys do not change;
+- `block.compile(fullgraph=True)` per block (student and teacher), in place, names unchanged;
+- FSDP2 `fully_shard` per block and at the root of each of student/teacher x {backbone, dino_head, ibot_head},
+  with the MixedPrecisionPolicy and reshard behaviour (ZeRO-2 / ZeRO-3) of the plan; the packed multi-crop entry
+  points (`forward_features_list`, `forward_features`) are registered as FSDP forward methods.
+Without a process group (a single CPU process) the model is moved to the device and not sharded.
+"""
+import functools
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+logger = logging.getLogger("celldino")
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16, "half": torch.float16}
+# reference sharding_strategy -> reshard_after_forward (FSDP1 SHARD_GRAD_OP is ZeRO-2, FULL_SHARD ZeRO-3)
+RESHARD = {"SHARD_GRAD_OP": False, "FULL_SHARD": True, "NO_SHARD": False, "HYBRID_SHARD": True,
+           "_HYBRID_SHARD_ZERO2": False, "zero2": False, "zero3": True}
+
+
+@dataclass
+class PrecisionPlan:
+    """How one submodule (e.g. student dino_head) computes, reduces and shards."""
+    param_dtype: torch.dtype = torch.float32
+    reduce_dtype: torch.dtype = torch.float32
+    reshard_after_forward: bool = False
+
+
+@dataclass
+class ParallelPlan:
+    fsdp: bool = False
+    compile: bool = False
+    activation_checkpointing: str = "none"
+    autocast_dtype: torch.dtype = None          # plain (unsharded) runs in bf16/fp16: autocast instead of FSDP MP
+    grad_scaler: bool = False
+    student: dict = field(default_factory=dict)  # submodule name -> PrecisionPlan
+    teacher: dict = field(default_factory=dict)
+    input_dtype: torch.dtype = torch.float32
+
+
+def _dtype(name):
+    try:
+        return DTYPES[str(name).lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}") from None
+
+
+def _truthy(value, auto):
+    if value is None or str(value).lower() == "auto":
+        return auto
+    if isinstance(value, bool):
+        return value
+    text = str(value).lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"expected true, false or auto, got {value!r}")
+
+
+def make_plan(cfg, device, distributed):
+    """The ParallelPlan of a config (compute_precision.* and train.* keys) on `device`.
+
+    compute_precision.policy: auto (bf16 on GPU, fp32 on CPU) | bf16 (bf16 params, fp32 reduction) | fp32 |
+    reference (the per-module fp16 settings of compute_precision.{student,teacher}.* with a grad scaler, for
+    parity runs). compute_precision.sharding: auto (each module's reference sharding_strategy) | zero2 | zero3.
+    """
+    cp = cfg.compute_precision
+    policy = str(cp.get("policy", "auto")).lower()
+    if policy == "auto":
+        policy = "bf16" if device.type == "cuda" else "fp32"
+    if policy not in ("bf16", "fp32", "reference"):
+        raise ValueError(f"compute_precision.policy: expected auto, bf16, fp32 or reference, got {policy!r}")
+    if policy == "reference" and device.type != "cuda":
+        raise ValueError("compute_precision.policy=reference (fp16 + grad scaler) needs a CUDA GPU")
+    sharding = str(cp.get("sharding", "auto"))
+    fsdp = distributed
+    plan = ParallelPlan(fsdp=fsdp, grad_scaler=policy == "reference" and bool(cp.grad_scaler))
+    plan.compile = _truthy(cfg.train.get("compile", "auto"), auto=device.type == "cuda")
+    plan.activation_checkpointing = str(cfg.train.get("activation_checkpointing", "none")).lower()
+    if plan.activation_checkpointing not in ("none", "full", "selective"):
+        raise ValueError(f"train.activation_checkpointing: expected none, full or selective, "
+                         f"got {plan.activation_checkpointing!r}")
+    for role in ("student", "teacher"):
+        plans = {}
+        for name in ("backbone", "dino_head", "ibot_head"):
+            section = cp[role][name]
+            reshard_key = sharding if sharding != "auto" else section.sharding_strategy
+            if reshard_key not in RESHARD:
+                raise ValueError(f"compute_precision.{role}.{name}.sharding_strategy: unknown {reshard_key!r} "
+                                 f"(expected one of {sorted(RESHARD)})")
+            reshard = RESHARD[reshard_key]
+            if role == "teacher":
+                reshard = True  # forward only: nothing to keep for a backward
+            if policy == "reference":
+                mp = section.mixed_precision
+                plans[name] = PrecisionPlan(_dtype(mp.param_dtype), _dtype(mp.reduce_dtype), reshard)
+            elif policy == "bf16":
+                plans[name] = PrecisionPlan(torch.bfloat16, torch.float32, reshard)
+            else:
+                plans[name] = PrecisionPlan(torch.float32, torch.float32, reshard)
+        setattr(plan, role, plans)
+    compute = plan.student["backbone"].param_dtype
+    plan.input_dtype = compute
+    if not fsdp and compute != torch.float32:
+        plan.autocast_dtype = compute
+    return plan
+
+
+# ---- activation checkpointing --------------------------------------------------------------------------------------
+
+_SAVE_OPS = None
+
+
+def _selective_policy():
+    global _SAVE_OPS
+    if _SAVE_OPS is None:
+        aten = torch.ops.aten
+        ops = [aten.mm.default, aten.addmm.default, aten.bmm.default, aten._scaled_dot_product_efficient_attention.default,
+               aten._scaled_dot_product_flash_attention.default]
+        cudnn = getattr(aten, "_scaled_dot_product_cudnn_attention", None)
+        if cudnn is not None:
+            ops.append(cudnn.default)
+        _SAVE_OPS = set(ops)
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    return policy
+
+
+def apply_activation_checkpointing(backbone, mode):
+    """Wrap each block's forward in torch.utils.checkpoint (non-reentrant); module names are unchanged."""
+    if mode == "none":
+        return 0
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+    context_fn = None
+    if mode == "selective":
+        policy = _selective_policy()
+        context_fn = functools.partial(create_selective_checkpoint_contexts, policy)
+    count = 0
+    for block in backbone.iter_blocks():
+        inner = block.forward
+
+        def forward(*args, _inner=inner, **kwargs):
+            extra = {"context_fn": context_fn} if context_fn is not None else {}
+            return checkpoint(_inner, *args, use_reentrant=False, **extra, **kwargs)
+        block.forward = forward
+        count += 1
+    return count
+
+
+# ---- compile + FSDP ------------------------------------------------------------------------------------------------
+
+def compile_blocks(backbone):
+    for block in backbone.iter_blocks():
+        block.compile(fullgraph=True)
+
+
+def _shard(module, plan, mesh, blocks=()):
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=plan.param_dtype, reduce_dtype=plan.reduce_dtype)
+    blocks = list(blocks)
+    for i, block in enumerate(blocks):
+        # the last block is all-gathered again right away by the backward: keep it (torchtitan)
+        reshard = plan.reshard_after_forward and i < len(blocks) - 1
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+    fully_shard(module, mesh=mesh, mp_policy=mp, reshard_after_forward=plan.reshard_after_forward)
+
+
+def parallelize(model, plan, device, mesh=None):
+    """Apply the plan to an SSLMetaArch (see module docstring); returns the model."""
+    if plan.activation_checkpointing != "none":
+        n = apply_activation_checkpointing(model.student.backbone, plan.activation_checkpointing)
+        logger.info("activation checkpointing (%s) on %d student blocks", plan.activation_checkpointing, n)
+    if plan.compile:
+        compile_blocks(model.student.backbone)
+        compile_blocks(model.teacher.backbone)
+        logger.info("torch.compile(fullgraph=True) per transformer block (student and teacher)")
+    if not plan.fsdp:
+        return model.to(device)
+    from torch.distributed.fsdp import register_fsdp_forward_method
+    if mesh is None:
+        from torch.distributed.device_mesh import init_device_mesh
+        mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.student.modules()):
+        raise NotImplementedError("batch norm in the heads is not supported with sharding (as the reference)")
+    for role, plans in (("student", plan.student), ("teacher", plan.teacher)):
+        modules = getattr(model, role)
+        for name, module in modules.items():
+            blocks = list(module.iter_blocks()) if name == "backbone" else []
+            _shard(module, plans[name], mesh, blocks)
+        register_fsdp_forward_method(modules.backbone, "forward_features_list")
+        register_fsdp_forward_method(modules.backbone, "forward_features")
+    # losses' buffers (centers) are replicated plain tensors
+    model.to(device)
+    logger.info("FSDP2: student and teacher sharded per block over %d ranks (student backbone %s params, "
+                "%s reduce, reshard after forward %s)", mesh.size(), plan.student["backbone"].param_dtype,
+                plan.student["backbone"].reduce_dtype, plan.student["backbone"].reshard_after_forward)
+    return model

@@ -1,0 +1,385 @@
+"""The Cell-DINO / DINOv2 training loop (reference: dinov2/train/train.py do_train), from one CPU process to many
+GPUs.
+
+    summary = run_training(cfg, output_dir, resume=True)
+
+Output directory (as the reference, plus a few files): config.yaml (merged, with the scaled lr), logs/log.txt
+(+ log.txt.rank<N>), training_metrics.json (JSON lines every train.log_period iterations: the reference keys plus
+throughput), tensorboard/, checkpoints/iter_<it>/ (DCP), eval/training_<it>/teacher_checkpoint.pth (+ the backbone
+as safetensors).
+
+Per step: schedules -> teacher targets and student losses (SSLMetaArch.compute_losses) -> backward -> per-submodule
+clipping -> AdamW -> teacher EMA. The loss values stay on the device and are reduced over ranks once every
+log period (one all-reduce, one host sync), and before every checkpoint and teacher export: a NaN/inf loss on any
+rank stops every rank before anything is written, so the last checkpoint is always a good one.
+Every random draw of step i (augmentation, masks, stochastic depth) is seeded by (train.seed, rank, i), so a
+resumed run continues exactly as an uninterrupted one.
+"""
+import contextlib
+import copy
+import logging
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from celldino.config import apply_scaling_rules_to_cfg, save_config
+
+from . import distributed
+from .checkpointing import TrainState, clean_partial_saves, export_teacher, load_latest, save_checkpoint
+from .data import build_train_loader, derive_seed
+from .metrics import MetricsWriter, Progress, SmoothedValue, peak_memory_mb, peak_tflops, ssl_step_flops
+from .optim import apply_optim_scheduler, build_optimizer
+from .parallel import make_plan, parallelize
+from .schedules import build_schedulers
+from .ssl_meta_arch import SSLMetaArch
+
+logger = logging.getLogger("celldino")
+
+LOSS_KEYS = ("dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss")
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
+
+
+class TrainingDivergedError(RuntimeError):
+    """A loss became NaN or inf; nothing was saved after the last good checkpoint."""
+
+
+# ---- set-up helpers ------------------------------------------------------------------------------------------------
+
+def setup_logging(output_dir, rank):
+    """logs/log.txt on rank 0, logs/log.txt.rank<N> on the others (reference layout); returns the handlers added."""
+    log_dir = Path(output_dir) / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    path = log_dir / ("log.txt" if rank == 0 else f"log.txt.rank{rank}")
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(filename)s:%(lineno)d] %(message)s"))
+    handler.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    if logger.level == logging.NOTSET or logger.level > logging.INFO:
+        logger.setLevel(logging.INFO)
+    return [handler]
+
+
+def prepare_config(cfg, output_dir, world_size):
+    """A copy of cfg with train.output_dir and the scaled lr set (the reference's setup())."""
+    cfg = copy.deepcopy(cfg)
+    cfg.train.output_dir = str(output_dir)
+    apply_scaling_rules_to_cfg(cfg, world_size=world_size)
+    _check_config(cfg)
+    return cfg
+
+
+def _optional_int(cfg, key, minimum=1):
+    value = cfg.train.get(key)
+    if value is None or str(value).lower() in ("null", "none", ""):
+        return None
+    try:
+        value = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"train.{key}: expected an integer or null, got {value!r}") from None
+    if value < minimum:
+        raise ValueError(f"train.{key}: must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_config(cfg):
+    if cfg.train.batch_size_per_gpu < 1:
+        raise ValueError(f"train.batch_size_per_gpu must be >= 1, got {cfg.train.batch_size_per_gpu}")
+    if cfg.optim.epochs * cfg.train.OFFICIAL_EPOCH_LENGTH < 1:
+        raise ValueError("optim.epochs x train.OFFICIAL_EPOCH_LENGTH must be >= 1 iteration")
+    if cfg.train.centering not in ("centering", "sinkhorn_knopp"):
+        raise ValueError(f"train.centering: expected centering or sinkhorn_knopp, got {cfg.train.centering!r}")
+    for key in ("checkpoint_period", "stop_after_iters", "log_period"):
+        _optional_int(cfg, key)
+    if cfg.crops.global_crops_size % cfg.student.patch_size:
+        raise ValueError(f"crops.global_crops_size {cfg.crops.global_crops_size} is not a multiple of "
+                         f"student.patch_size {cfg.student.patch_size}")
+    if cfg.dino.koleo_loss_weight > 0 and cfg.train.batch_size_per_gpu < 2:
+        logger.warning("KoLeo with a per-rank batch of 1 has no nearest neighbour (the reference gives inf/NaN): "
+                       "use train.batch_size_per_gpu >= 2 or dino.koleo_loss_weight=0")
+
+
+# ---- the trainer ---------------------------------------------------------------------------------------------------
+
+class Trainer:
+    def __init__(self, cfg, output_dir, resume=True):
+        self.output_dir = Path(output_dir).resolve()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        _, _, local_rank = distributed.env_world()
+        self.device = distributed.select_device(cfg.train.get("device", "auto"), local_rank)
+        self.rank, self.world_size, self._owns_group = distributed.init(self.device)
+        self.is_main = self.rank == 0
+        self._log_handlers = setup_logging(self.output_dir, self.rank)
+        self.cfg = cfg = prepare_config(cfg, self.output_dir, self.world_size)
+        if self.is_main:
+            save_config(cfg, self.output_dir / "config.yaml")
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # as the reference
+            torch.backends.cudnn.allow_tf32 = True
+
+        self.plan = make_plan(cfg, self.device, distributed=distributed.is_initialized())
+        torch.manual_seed(int(cfg.train.seed))  # identical initial weights on every rank
+        model = SSLMetaArch(cfg)
+        self.n_params = sum(p.numel() for p in model.student.backbone.parameters())
+        self.model = parallelize(model, self.plan, self.device)
+        self.model.train()
+        self.optimizer = build_optimizer(cfg, self.model.get_params_groups(), self.device)
+        self.scaler = None
+        if self.plan.grad_scaler:
+            if distributed.is_initialized():
+                from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+                self.scaler = ShardedGradScaler()
+            else:
+                self.scaler = torch.amp.GradScaler(self.device.type)
+        (self.lr_schedule, self.wd_schedule, self.momentum_schedule, self.teacher_temp_schedule,
+         self.last_layer_lr_schedule) = build_schedulers(cfg)
+        epoch_length = int(cfg.train.OFFICIAL_EPOCH_LENGTH)
+        self.max_iter = int(cfg.optim.epochs) * epoch_length
+        self.checkpoint_period = _optional_int(cfg, "checkpoint_period") or 3 * epoch_length
+        self.log_period = _optional_int(cfg, "log_period") or 10
+        self.stop_after = _optional_int(cfg, "stop_after_iters")
+        self.keep = int(cfg.train.get("max_to_keep", 3))
+        self.eval_period = int(cfg.evaluation.eval_period_iterations)
+        self.state = TrainState(self.model, self.optimizer, self.scaler)
+
+        clean_partial_saves(self.output_dir)
+        self.start_iter = 0
+        self.last_checkpoint = None
+        if resume:
+            last, path = load_latest(self.output_dir, self.state)
+            if last is not None:
+                self.start_iter, self.last_checkpoint = last + 1, path
+        self.writer = MetricsWriter(self.output_dir, cfg, enabled=self.is_main)
+        self._signal = None
+        self._previous_handlers = {}
+
+    # ---- one step ----------------------------------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.plan.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.plan.autocast_dtype)
+
+    def train_step(self, batch, iteration):
+        """One optimisation step; returns the loss terms as one device tensor (no host sync)."""
+        lr = self.lr_schedule[iteration]
+        wd = self.wd_schedule[iteration]
+        last_layer_lr = self.last_layer_lr_schedule[iteration]
+        apply_optim_scheduler(self.optimizer, lr, wd, last_layer_lr)
+        torch.manual_seed(derive_seed("step", self.cfg.train.seed, self.rank, iteration))
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            loss, terms = self.model.compute_losses(batch, self.teacher_temp_schedule[iteration])
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+        if self.cfg.optim.clip_grad:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            self.model.clip_gradients(self.cfg.optim.clip_grad)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.model.update_teacher(self.momentum_schedule[iteration])
+        self.loss_keys = [k for k in LOSS_KEYS if k in terms]
+        return torch.stack([terms[k].float() for k in self.loss_keys])
+
+    # ---- signals -------------------------------------------------------------------------------------------------
+
+    def _on_signal(self, signum, frame):
+        self._signal = signum
+        logger.warning("received %s: will checkpoint and stop at the next log point", signal.Signals(signum).name)
+
+    def _install_signal_handlers(self):
+        for name in STOP_SIGNALS:
+            signum = getattr(signal, name, None)
+            if signum is None:
+                continue
+            try:
+                self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+            except ValueError:  # not the main thread
+                return
+
+    def _restore_signal_handlers(self):
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}
+
+    # ---- reduction / checks / logging ----------------------------------------------------------------------------
+
+    def _flush(self, pending, meters):
+        """Reduce the pending per-iteration losses over ranks (one all-reduce), stop on NaN/inf, update the
+        meters; returns (per-iteration reduced loss rows, whether any rank received a stop signal)."""
+        if not pending:
+            flag = torch.tensor([1.0 if self._signal is not None else 0.0], device=self.device)
+            distributed.all_reduce_sum(flag)
+            return [], bool(flag.item() > 0)
+        values = torch.stack([t for _, t, _ in pending])
+        flag = torch.tensor([1.0 if self._signal is not None else 0.0], device=self.device)
+        buffer = torch.cat([values.flatten(), flag])
+        distributed.all_reduce_sum(buffer)
+        buffer = buffer.cpu()
+        stop = bool(buffer[-1].item() > 0)
+        rows = (buffer[:-1].view_as(values) / self.world_size).tolist()
+        out = []
+        for (iteration, _, info), row in zip(pending, rows):
+            if not all(math.isfinite(v) for v in row):
+                terms = dict(zip(self.loss_keys, row))
+                good = f"{self.last_checkpoint}" if self.last_checkpoint else "none (no checkpoint was written yet)"
+                raise TrainingDivergedError(
+                    f"non-finite loss at iteration {iteration}: {terms} (averaged over {self.world_size} ranks); "
+                    f"training stopped on every rank before saving anything. Last good checkpoint: {good}. "
+                    "Resuming will run into the same data; consider a lower optim.base_lr, a larger "
+                    "train.batch_size_per_gpu or optim.adamw_beta2=0.99 (see docs/train.md).")
+            record = dict(zip(self.loss_keys, row))
+            record["total_loss"] = sum(row)
+            info.update(record)
+            for key, value in info.items():
+                if key not in ("iteration", "data_time", "iter_time"):
+                    meters.setdefault(key, SmoothedValue()).update(value)
+            out.append((iteration, row))
+        pending.clear()
+        return out, stop
+
+    def _log_record(self, iteration, meters):
+        iter_time = meters["iter_time"].avg
+        record = {"iteration": iteration, "iter_time": iter_time, "data_time": meters["data_time"].avg}
+        for key in ("lr", "wd", "mom", "last_layer_lr", "current_batch_size", "total_loss", *self.loss_keys):
+            if key in meters:
+                record[key] = meters[key].median
+        images = self.cfg.train.batch_size_per_gpu * self.world_size
+        step_flops = meters["step_flops"].avg
+        record["images_per_s"] = images / iter_time if iter_time > 0 else float("nan")
+        record["tokens_per_s"] = meters["step_tokens"].avg * self.world_size / iter_time if iter_time > 0 else 0.0
+        record["tflops_per_gpu"] = step_flops / iter_time / 1e12 if iter_time > 0 else 0.0
+        peak = peak_tflops(self.device)
+        record["mfu"] = record["tflops_per_gpu"] / peak if peak else None
+        record["peak_memory_mb"] = peak_memory_mb(self.device)
+        self.writer.write(record)
+        return record
+
+    # ---- checkpoints / exports -------------------------------------------------------------------------------------
+
+    def save(self, iteration):
+        path = save_checkpoint(self.output_dir, iteration, self.state, keep=self.keep,
+                               extra_meta={"max_iter": self.max_iter})
+        self.last_checkpoint = path
+        return path
+
+    # ---- the loop ------------------------------------------------------------------------------------------------
+
+    def run(self):
+        cfg = self.cfg
+        if self.is_main:
+            print(f"celldino train: {cfg.student.arch} ({self.n_params / 1e6:.1f} M backbone parameters), "
+                  f"{self.world_size} x {self.device.type}, {self.plan.student['backbone'].param_dtype}, "
+                  f"iterations {self.start_iter} -> {self.max_iter}; output {self.output_dir}", flush=True)
+        summary = {"output_dir": str(self.output_dir), "start_iteration": self.start_iter,
+                   "max_iter": self.max_iter, "teacher_exports": [], "loss_history": [], "stopped": "finished"}
+        if self.start_iter >= self.max_iter:
+            logger.info("nothing to do: training already finished (%d iterations)", self.max_iter)
+            summary.update(end_iteration=self.start_iter, iterations_run=0,
+                           checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None)
+            return summary
+        loader = build_train_loader(cfg, self.start_iter, self.rank, self.world_size, dtype=self.plan.input_dtype)
+        meters = {"iter_time": SmoothedValue(), "data_time": SmoothedValue()}
+        pending = []
+        progress = Progress(self.start_iter, self.max_iter, enabled=self.is_main)
+        iteration = self.start_iter
+        run_count = 0
+        saved_at = None
+        last_record = None
+        self._install_signal_handlers()
+        data_iter = iter(loader)
+        try:
+            tick = time.perf_counter()
+            while iteration < self.max_iter:
+                batch = next(data_iter)
+                data_time = time.perf_counter() - tick
+                if batch["iteration"] != iteration:
+                    raise RuntimeError(f"data stream out of step: batch of iteration {batch['iteration']} "
+                                       f"at iteration {iteration}")
+                terms = self.train_step(batch, iteration)
+                batch_size = batch["collated_global_crops"].shape[0] // 2
+                n_masked = int(batch["mask_indices_list"].shape[0])
+                flops, tokens = ssl_step_flops(self.model, cfg, batch_size, n_masked)
+                info = {"lr": self.lr_schedule[iteration], "wd": self.wd_schedule[iteration],
+                        "mom": self.momentum_schedule[iteration],
+                        "last_layer_lr": self.last_layer_lr_schedule[iteration],
+                        "current_batch_size": float(batch_size), "step_flops": float(flops),
+                        "step_tokens": float(tokens)}
+                pending.append((iteration, terms, info))
+                now = time.perf_counter()
+                meters["iter_time"].update(now - tick)
+                meters["data_time"].update(data_time)
+                progress.update(1)
+                run_count += 1
+
+                is_log = iteration % self.log_period == 0 or iteration == self.max_iter - 1
+                is_ckpt = (iteration + 1) % self.checkpoint_period == 0 or iteration == self.max_iter - 1
+                is_export = (self.eval_period > 0 and (iteration + 1) % self.eval_period == 0) \
+                    or iteration == self.max_iter - 1
+                is_stop = self.stop_after is not None and run_count >= self.stop_after
+                if is_log or is_ckpt or is_export or is_stop:
+                    rows, signalled = self._flush(pending, meters)
+                    summary["loss_history"] += rows
+                    if is_log:
+                        last_record = self._log_record(iteration, meters)
+                        progress.update(0, f"loss {last_record['total_loss']:.3f}")
+                    if is_export:
+                        path = export_teacher(self.model, cfg, self.output_dir, f"training_{iteration}")
+                        if path is not None:
+                            summary["teacher_exports"].append(str(path))
+                    if is_ckpt or is_stop or signalled:
+                        if saved_at != iteration:
+                            self.save(iteration)
+                            saved_at = iteration
+                    if is_stop or signalled:
+                        summary["stopped"] = "stop_after_iters" if is_stop else "signal"
+                        if signalled:
+                            summary["signal"] = signal.Signals(self._signal).name if self._signal else "peer rank"
+                        iteration += 1
+                        break
+                iteration += 1
+                tick = time.perf_counter()
+        finally:
+            self._restore_signal_handlers()
+            progress.close()
+            del data_iter
+        rows, _ = self._flush(pending, meters)
+        summary["loss_history"] += rows
+        summary.update(end_iteration=iteration, iterations_run=run_count,
+                       checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None,
+                       last_metrics=last_record,
+                       averages={k: m.global_avg for k, m in meters.items()})
+        if summary["loss_history"]:
+            it, row = summary["loss_history"][-1]
+            summary["last_losses"] = {"iteration": it, **dict(zip(self.loss_keys, row)), "total_loss": sum(row)}
+        return summary
+
+    def close(self):
+        self.writer.close()
+        for handler in self._log_handlers:
+            logger.removeHandler(handler)
+            handler.close()
+        if self._owns_group:
+            distributed.destroy()
+
+
+def run_training(cfg, output_dir, resume=True):
+    """Train with `cfg` (a merged config, e.g. from celldino.config.load_config) into output_dir; resumes from the
+    newest checkpoint there unless resume=False. Returns a summary dict (iterations run, where it stopped and
+    why, the last checkpoint, the teacher exports, the per-iteration losses, the last metrics line)."""
+    trainer = None
+    try:
+        trainer = Trainer(cfg, output_dir, resume=resume)
+        return trainer.run()
+    finally:
+        if trainer is not None:
+            trainer.close()
