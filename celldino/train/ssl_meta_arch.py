@@ -14,6 +14,7 @@ import logging
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from celldino.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
@@ -167,6 +168,7 @@ class SSLMetaArch(nn.Module):
 
         dino_targets, ibot_targets = self.teacher_targets(
             global_crops, mask_indices_list, n_masked_patches, n_masked_patches_tensor, upperbound, teacher_temp)
+        self.reshard_teacher()
 
         crops, crop_masks = [global_crops], [masks]
         if n_local > 0:
@@ -215,6 +217,14 @@ class SSLMetaArch(nn.Module):
                 masks_weight=masks_weight)
             total = total + self.cfg.ibot.loss_weight * losses["ibot_loss"]
         return total, {k: v.detach() for k, v in losses.items()}
+
+    def reshard_teacher(self):
+        """Free the teacher's gathered parameters (FSDP2 keeps the root's gathered after forward, expecting a
+        backward that never comes for the teacher); the EMA then runs on shards (the reference's
+        reshard_fsdp_model)."""
+        for module in self.teacher.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
 
     # ---- teacher EMA ---------------------------------------------------------------------------------------------
 

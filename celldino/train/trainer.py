@@ -22,6 +22,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -41,6 +42,11 @@ logger = logging.getLogger("celldino")
 
 LOSS_KEYS = ("dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss")
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
+
+
+# FSDP2 warns on every forward that the backbone returns views (the output dict's CLS / patch slices); nothing
+# updates them in place, so the hooks it registers stay valid
+warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
 
 
 class TrainingDivergedError(RuntimeError):
