@@ -26,6 +26,10 @@ from .param_groups import fuse_params_groups, get_params_groups_with_decay
 logger = logging.getLogger("celldino")
 
 
+def _at_least_fp32(x):
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _local(param):
     return param.to_local() if isinstance(param, DTensor) else param.detach()
 
@@ -208,7 +212,7 @@ class SSLMetaArch(nn.Module):
             if self.do_koleo:
                 # in fp32 whatever the compute dtype (the reference runs it in fp16, where eps=1e-8 underflows)
                 losses["koleo_loss"] = self.cfg.dino.koleo_loss_weight * sum(
-                    self.koleo_loss(p.float()) for p in global_cls.chunk(n_global))
+                    self.koleo_loss(_at_least_fp32(p)) for p in global_cls.chunk(n_global))
                 total = total + losses["koleo_loss"]
         if self.do_ibot:
             # x2 (the two global crops are processed together) x 1/2 (ibot_loss_scale) = x1, as the reference
