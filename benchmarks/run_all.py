@@ -14,7 +14,7 @@ import torch
 
 from . import common
 
-BENCHMARKS = ["attention", "sinkhorn", "koleo", "data", "knn", "train"]
+BENCHMARKS = ["attention", "sinkhorn", "koleo", "data", "augment", "knn", "train"]
 
 
 def add_arguments(parser):

@@ -1,0 +1,130 @@
+"""Multi-crop augmentation benchmark (no decoding): images/s of the Cell-DINO 2 x 224 + 8 x 96 augmentation of
+synthetic 16-bit fields, every provider in the same run on the same images.
+
+Rows (op "augment", items = images, speed-up vs the reference row of the same shape):
+  reference        the reference per-crop torchvision composition (benchmarks.bench_data.ReferenceStyleCellAugmentation:
+                   whole-image divide / drop / protein scaling per crop, RandomResizedCrop, per-channel loops),
+                   1 thread = one dinov2 DataLoader worker (one core).
+  celldino_torch   celldino.data.augment.CellAugmentationDINO (crop first, then the pixel ops), 1 thread.
+  cpp              celldino._C CPU op, one batch-level call, 1 thread (per-core figure), fp32 and bf16 out.
+  cpp_threads      the same with all torch threads.
+  cuda             celldino._C CUDA op on uint16 images already on the GPU, bf16 out (speed-up: per GPU vs the
+                   reference per core); beside it torch_batched_gpu, the batched grid_sample stand-in of
+                   bench_data (the best plain-torch GPU path we have), as the GPU baseline.
+Decode + augment (what a data loader really does) is in bench_data.
+
+    python -m benchmarks.run_all augment [--quick] [--augment-images N] [--augment-size S]
+"""
+import math
+
+import numpy as np
+import torch
+
+from . import common
+
+N_LOCAL = 8
+GLOBAL_SIZE, LOCAL_SIZE = 224, 96
+GLOBAL_SCALE, LOCAL_SCALE = (0.4, 1.0), (0.005, 0.4)
+NAN = (math.nan, math.nan, math.nan)
+
+
+def add_arguments(parser):
+    parser.add_argument("--augment-images", type=int, default=None,
+                        help="images per batch (default 64 on GPU, 4 on CPU)")
+    parser.add_argument("--augment-size", type=int, default=None,
+                        help="field side in pixels (default 1080 on GPU, 320 on CPU / --quick)")
+    parser.add_argument("--augment-channels", type=str, default="4,5", help="channel counts, comma separated")
+
+
+def _fields(channels, size, n, seed=0):
+    from .bench_data import synthetic_field
+
+    return [torch.from_numpy(synthetic_field(np.random.default_rng([seed, channels, i]), channels, size))
+            for i in range(n)]
+
+
+def _params(shapes, seed):
+    from celldino.data.crop_params import sample_crop_params
+
+    return sample_crop_params(shapes, n_global=2, n_local=N_LOCAL, global_size=GLOBAL_SIZE, local_size=LOCAL_SIZE,
+                              global_scale=GLOBAL_SCALE, local_scale=LOCAL_SCALE, seed_or_generator=seed)
+
+
+def _timed(fn, rep, threads=None, sync=False):
+    old = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return common.bench(fn, warmup=1, rep=rep, device="cuda" if sync else "cpu")
+    finally:
+        torch.set_num_threads(old)
+
+
+def run(args):
+    from celldino.data import fused_augment as fa
+    from celldino.data.augment import CellAugmentationDINO
+
+    from .bench_data import ReferenceStyleCellAugmentation, multicrop_torch_batched
+
+    on_gpu = torch.cuda.is_available()
+    quick = getattr(args, "quick", False) or not on_gpu
+    n_images = getattr(args, "augment_images", None) or (4 if quick else 64)
+    size = getattr(args, "augment_size", None) or (320 if quick else 1080)
+    channel_list = [int(c) for c in str(getattr(args, "augment_channels", "4,5") or "4,5").split(",")]
+    rep = 3 if quick else 5
+    n_ref = min(n_images, 2 if quick else 4)  # the slow reference rows time a subset
+    built = fa.extension_available()
+    why = "" if built else "skipped: celldino._C not built"
+    cpu_threads = torch.get_num_threads()
+    rows = []
+    for channels in channel_list:
+        images = _fields(channels, size, n_images)
+        shape = f"{channels}x{size}x{size}"
+        params = _params([tuple(im.shape) for im in images], 1)
+
+        def add(provider, timing, n, baseline_ms, note="", dtype="uint16", device=None):
+            rows.append(common.row("augment", "augment", provider, shape, dtype, "2x224+8x96", timing, items=n or None,
+                                   baseline="reference", baseline_ms=baseline_ms, device=device or "cpu",
+                                   note=note))
+            r = rows[-1]
+            print(f"  augment {shape} {provider}: {r['items_per_s'] or 'skipped'} img/s "
+                  f"{('x' + str(r['speedup_vs_baseline'])) if r['speedup_vs_baseline'] else ''} {note}", flush=True)
+
+        reference = ReferenceStyleCellAugmentation()
+        sub = images[:n_ref]
+        t_ref = _timed(lambda: [reference(im) for im in sub], max(1, rep - 1), threads=1)
+        ref_per_image = t_ref[0] / len(sub)
+        add("reference", t_ref, len(sub), t_ref[0], "1 thread")
+        ours = CellAugmentationDINO(GLOBAL_SCALE, LOCAL_SCALE, N_LOCAL, GLOBAL_SIZE, LOCAL_SIZE, seed=0)
+        t = _timed(lambda: [ours(im) for im in sub], rep, threads=1)
+        add("celldino_torch", t, len(sub), ref_per_image * len(sub), "1 thread")
+
+        per_batch_ref = ref_per_image * n_images
+        if built:
+            for out_dtype in (torch.float32, torch.bfloat16):
+                tag = "bf16 out" if out_dtype == torch.bfloat16 else "fp32 out"
+                t = _timed(lambda: fa.fused_multicrop(images, params, out_dtype=out_dtype), rep, threads=1)
+                add("cpp", t, n_images, per_batch_ref, f"1 thread, {tag}, batch {n_images}")
+            t = _timed(lambda: fa.fused_multicrop(images, params, out_dtype=torch.bfloat16), rep, threads=cpu_threads)
+            add("cpp_threads", t, n_images, per_batch_ref, f"{cpu_threads} threads, bf16 out, batch {n_images}")
+        else:
+            add("cpp", NAN, 0, None, why)
+            add("cpp_threads", NAN, 0, None, why)
+
+        if not on_gpu:
+            add("cuda", NAN, 0, None, "skipped: needs a CUDA GPU")
+            add("torch_batched_gpu", NAN, 0, None, "skipped: needs a CUDA GPU")
+            continue
+        gpu_images = torch.stack(images).cuda()
+        t = _timed(lambda: multicrop_torch_batched(gpu_images, params), rep, sync=True)
+        add("torch_batched_gpu", t, n_images, per_batch_ref, "batched grid_sample stand-in, fp32 out",
+            device="cuda")
+        if built and fa.cuda_extension_available():
+            gpu_list = list(gpu_images.unbind(0))
+            t = _timed(lambda: fa.fused_multicrop(gpu_list, params, out_dtype=torch.bfloat16), rep, sync=True)
+            add("cuda", t, n_images, per_batch_ref,
+                f"bf16 out, batch {n_images}, params packed + uploaded per call; speed-up per GPU vs reference "
+                "per core", device="cuda")
+        else:
+            add("cuda", NAN, 0, None, why or "skipped: celldino._C built without CUDA", device="cuda")
+    return rows
