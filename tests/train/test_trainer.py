@@ -1,0 +1,167 @@
+"""The training loop end to end on CPU (tiny ViT, real 16-bit sample cells): output directory, metrics, teacher
+exports loadable by celldino.hub, exact resume (stop_after_iters), NaN stop, signals, config errors."""
+import argparse
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from celldino.train import launch
+from celldino.train.ssl_meta_arch import SSLMetaArch
+from celldino.train.trainer import TrainingDivergedError, run_training
+
+from conftest import tiny_cfg
+
+
+def _files(path):
+    return sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+
+
+def test_run_writes_the_reference_output_dir(tmp_path):
+    cfg = tiny_cfg("optim.epochs=1", "train.OFFICIAL_EPOCH_LENGTH=4", "evaluation.eval_period_iterations=2")
+    summary = run_training(cfg, tmp_path, resume=True)
+    assert summary["stopped"] == "finished" and summary["iterations_run"] == 4 and summary["end_iteration"] == 4
+    assert [it for it, _ in summary["loss_history"]] == [0, 1, 2, 3]
+
+    saved = (tmp_path / "config.yaml").read_text()
+    from omegaconf import OmegaConf
+    saved_cfg = OmegaConf.create(saved)
+    assert saved_cfg.optim.lr == pytest.approx(cfg.optim.base_lr * (4 / 1024) ** 0.5)  # sqrt_wrt_1024, 1 rank
+    assert saved_cfg.train.output_dir == str(tmp_path.resolve())
+    assert (tmp_path / "logs" / "log.txt").stat().st_size > 0
+
+    lines = [json.loads(line) for line in (tmp_path / "training_metrics.json").read_text().splitlines()]
+    assert [r["iteration"] for r in lines] == [0, 2, 3]  # log_period 2, plus the last iteration
+    reference_keys = {"iteration", "iter_time", "data_time", "lr", "wd", "mom", "last_layer_lr", "current_batch_size",
+                      "total_loss", "dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss"}
+    for record in lines:
+        assert reference_keys <= set(record)
+        assert {"images_per_s", "tokens_per_s", "tflops_per_gpu", "mfu", "peak_memory_mb"} <= set(record)
+        assert record["current_batch_size"] == 4
+        terms = sum(record[k] for k in ("dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss"))
+        assert record["images_per_s"] > 0 and record["tflops_per_gpu"] > 0
+    # the first line is iteration 0 alone: its median is that iteration's total, the sum of its terms
+    first_terms = summary["loss_history"][0][1]
+    assert lines[0]["total_loss"] == pytest.approx(sum(first_terms))
+    assert lines[0]["lr"] == 0.0 and lines[0]["last_layer_lr"] == 0.0  # warmup starts at 0, last layer frozen
+
+    assert _files(tmp_path / "checkpoints") == ["iter_00000003"]
+    assert _files(tmp_path / "eval") == ["training_1", "training_3"]
+    export = tmp_path / "eval" / "training_3"
+    teacher = torch.load(export / "teacher_checkpoint.pth", weights_only=True)
+    assert set(teacher) == {"teacher"}
+    keys = set(teacher["teacher"])
+    assert keys and all(k.startswith(("backbone.", "dino_head.")) for k in keys)
+    assert "dino_head.last_layer.weight_g" in keys and "backbone.blocks.1.attn.qkv.weight" in keys
+
+    from celldino.hub import load_backbone
+    from_safetensors = load_backbone(export / "teacher_backbone.safetensors")
+    from_pth = load_backbone(export / "teacher_checkpoint.pth", num_heads=2)
+    assert from_safetensors.num_heads == 2 and from_safetensors.embed_dim == 32
+    for key, value in from_pth.state_dict().items():
+        assert torch.equal(value, from_safetensors.state_dict()[key]), key
+        assert torch.equal(value, teacher["teacher"][f"backbone.{key}"]), key
+    x = torch.randn(2, 1, 32, 32)
+    assert from_safetensors(x).shape == (2, 32)
+
+    # a rerun of a finished run resumes and has nothing left to do
+    again = run_training(cfg, tmp_path, resume=True)
+    assert again["iterations_run"] == 0 and again["start_iteration"] == 4
+
+
+def test_stop_after_iters_and_resume_reproduce_the_uninterrupted_run(tmp_path):
+    cfg = tiny_cfg("evaluation.eval_period_iterations=3")  # 8 iterations, checkpoint period 12 -> final only
+    straight = run_training(cfg, tmp_path / "straight", resume=True)
+    assert straight["iterations_run"] == 8
+
+    out = tmp_path / "interrupted"
+    first = run_training(tiny_cfg("evaluation.eval_period_iterations=3", "train.stop_after_iters=3",
+                                  "train.num_workers=1"),  # the batches do not depend on the worker count
+                         out, resume=True)
+    assert first["stopped"] == "stop_after_iters" and first["end_iteration"] == 3
+    assert _files(out / "checkpoints") == ["iter_00000002"]
+    second = run_training(tiny_cfg("evaluation.eval_period_iterations=3", "train.stop_after_iters=3"), out)
+    assert second["start_iteration"] == 3 and second["end_iteration"] == 6
+    third = run_training(tiny_cfg("evaluation.eval_period_iterations=3"), out)
+    assert third["start_iteration"] == 6 and third["stopped"] == "finished"
+
+    resumed = first["loss_history"] + second["loss_history"] + third["loss_history"]
+    assert resumed == straight["loss_history"]  # bit for bit
+    # (equal losses after iteration 0 also mean equal schedules: lr, wd, momentum and temperature all enter them)
+    for tag in ("training_2", "training_5", "training_7"):
+        a = torch.load(tmp_path / "straight" / "eval" / tag / "teacher_checkpoint.pth", weights_only=True)["teacher"]
+        b = torch.load(out / "eval" / tag / "teacher_checkpoint.pth", weights_only=True)["teacher"]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), tag
+
+
+def test_no_resume_starts_over(tmp_path):
+    cfg = tiny_cfg("optim.epochs=1", "train.OFFICIAL_EPOCH_LENGTH=2")
+    run_training(cfg, tmp_path)
+    again = run_training(cfg, tmp_path, resume=False)
+    assert again["start_iteration"] == 0 and again["iterations_run"] == 2
+
+
+def _inject(monkeypatch, iteration, action):
+    original = SSLMetaArch.compute_losses
+
+    def compute_losses(self, batch, teacher_temp):
+        total, terms = original(self, batch, teacher_temp)
+        if batch["iteration"] == iteration:
+            total, terms = action(total, terms)
+        return total, terms
+    monkeypatch.setattr(SSLMetaArch, "compute_losses", compute_losses)
+
+
+def test_nan_loss_stops_with_the_last_good_checkpoint_intact(tmp_path, monkeypatch):
+    def poison(total, terms):
+        terms = dict(terms, ibot_loss=terms["ibot_loss"] * float("nan"))
+        return total * float("nan"), terms
+    _inject(monkeypatch, 3, poison)
+    cfg = tiny_cfg("train.checkpoint_period=2", "evaluation.eval_period_iterations=2", "train.log_period=4")
+    with pytest.raises(TrainingDivergedError, match=r"non-finite loss at iteration 3.*iter_00000001"):
+        run_training(cfg, tmp_path)
+    # iteration 3 would have been a checkpoint and an export: neither was written
+    assert _files(tmp_path / "checkpoints") == ["iter_00000001"]
+    assert _files(tmp_path / "eval") == ["training_1"]
+    monkeypatch.undo()
+    resumed = run_training(cfg, tmp_path)
+    assert resumed["start_iteration"] == 2 and resumed["stopped"] == "finished"
+
+
+def test_sigterm_checkpoints_then_stops(tmp_path, monkeypatch):
+    def send(total, terms):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return total, terms
+    _inject(monkeypatch, 1, send)
+    previous = signal.getsignal(signal.SIGTERM)
+    summary = run_training(tiny_cfg(), tmp_path)
+    assert signal.getsignal(signal.SIGTERM) == previous  # handlers restored
+    assert summary["stopped"] == "signal" and summary["signal"] == "SIGTERM"
+    assert summary["end_iteration"] == 3  # stops at the next log point (iteration 2) after a checkpoint
+    assert _files(tmp_path / "checkpoints") == ["iter_00000002"]
+
+
+def _launch(*argv):
+    parser = argparse.ArgumentParser()
+    launch.add_arguments(parser)
+    return launch.main(parser.parse_args(list(argv)))
+
+
+def test_cli_errors_name_the_bad_key(tmp_path, capsys):
+    assert _launch("--config-file", "demo", "--output-dir", str(tmp_path), "train.not_a_key=1") == 2
+    assert "train.not_a_key" in capsys.readouterr().err
+    assert _launch("--config-file", "demo", "--output-dir", str(tmp_path / "b"), "train.stop_after_iters=0",
+                   "train.device=cpu") == 2
+    assert "train.stop_after_iters" in capsys.readouterr().err
+
+
+def test_cli_trains_and_resumes(tmp_path, capsys):
+    from conftest import TINY
+    args = ["--config-file", "demo", "--output-dir", str(tmp_path)] + TINY + ["optim.epochs=1",
+                                                                                "train.OFFICIAL_EPOCH_LENGTH=2"]
+    assert _launch(*args, "train.stop_after_iters=1") == 0
+    assert "stop_after_iters at iteration 1 of 2" in capsys.readouterr().out
+    assert _launch(*args) == 0
+    assert "finished at iteration 2 of 2" in capsys.readouterr().out
