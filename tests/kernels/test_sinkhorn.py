@@ -48,7 +48,9 @@ SHAPES = [(1, 7), (5, 33), (13, 101), (37, 257), (64, 96), (97, 50)]
 @pytest.mark.parametrize("rows,K", SHAPES)
 @pytest.mark.parametrize("temp", [0.07, 0.1])
 def test_matches_dinov2_algorithm_in_float64(rows, K, temp):
-    logits = torch.randn(rows, K, device=DEVICE) * 1.5  # t / T stays below fp32 exp overflow for the reference
+    # clamped so t / T <= 4 / 0.07 = 57: exp() and the global sum of the fp32 reference stay finite for any seed
+    # (unclamped, a 4-sigma draw among 37 x 257 logits overflows it to NaN and the tolerance rule means nothing)
+    logits = (torch.randn(rows, K, device=DEVICE) * 1.5).clamp(-4, 4)
     got = sk.sinkhorn_knopp_triton(logits, temp)
     assert_tolerance_rule(got, logits, temp)
 
