@@ -92,10 +92,12 @@ CD_HD float to_float(T v) {
   return static_cast<float>(v);
 }
 
+// One linear step; bilinear = lerp of two row lerps (the CPU evaluates the row lerps once per source row and
+// reuses them, the GPU evaluates all three per pixel: the same roundings either way).
+CD_HD float lerp(float a, float b, float w0, float w1) { return a * w0 + b * w1; }
+
 CD_HD float bilinear(float s00, float s01, float s10, float s11, float wx0, float wx1, float wy0, float wy1) {
-  const float top = s00 * wx0 + s01 * wx1;
-  const float bottom = s10 * wx0 + s11 * wx1;
-  return top * wy0 + bottom * wy1;
+  return lerp(lerp(s00, s01, wx0, wx1), lerp(s10, s11, wx0, wx1), wy0, wy1);
 }
 
 // clamp that keeps NaN as NaN (torch.clamp semantics)

@@ -224,6 +224,42 @@ NormStats contrast_and_stats(float* x, int64_t n, float contrast, float mean_bef
   return finish_stats(s1, s2, lo, hi, mean_before, static_cast<int>(n));
 }
 
+// Source rows interpolated horizontally at every output column, two at a time: the bilinear sample is
+// lerp(row lerp of y0, row lerp of y1) (augment_math.h), so each source row's lerps are computed once and reused
+// by every output row that reads it (output rows visit source rows monotonically, so two slots suffice).
+template <typename In>
+class RowCache {
+ public:
+  RowCache(const In* base, int64_t stride, const Tap* xtaps, int size, float* storage)
+      : base_(base), stride_(stride), xtaps_(xtaps), size_(size) {
+    buf_[0] = storage;
+    buf_[1] = storage + size;
+  }
+
+  // The lerped source row `want`; never evicts row `keep` (the other row the current output row needs).
+  const float* get(int want, int keep) {
+    if (idx_[0] == want) return buf_[0];
+    if (idx_[1] == want) return buf_[1];
+    const int slot = idx_[0] == keep ? 1 : 0;
+    const In* src = base_ + static_cast<int64_t>(want) * stride_;
+    float* dst = buf_[slot];
+    for (int ox = 0; ox < size_; ++ox) {
+      const Tap t = xtaps_[ox];
+      dst[ox] = lerp(to_float(src[t.i0]), to_float(src[t.i1]), t.w0, t.w1);
+    }
+    idx_[slot] = want;
+    return dst;
+  }
+
+ private:
+  const In* base_;
+  int64_t stride_;
+  const Tap* xtaps_;
+  int size_;
+  float* buf_[2];
+  int idx_[2] = {-1, -1};
+};
+
 template <typename In, typename Out>
 void multicrop_cpu(const Batch& b, const std::vector<const In*>& src, const float* raw_max, const int32_t* ci,
                    const float* cf, Out* gout, Out* lout) {
@@ -237,6 +273,7 @@ void multicrop_cpu(const Batch& b, const std::vector<const In*>& src, const floa
   {
     std::vector<float> scratch(static_cast<size_t>(max_side * max_side));
     std::vector<Tap> xtaps(static_cast<size_t>(max_side)), ytaps(static_cast<size_t>(max_side));
+    std::vector<float> rowbuf(static_cast<size_t>(2 * max_side));
     // Crop-major rows put every global crop first: dynamic scheduling then starts the biggest items first.
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; ++it) {
@@ -268,18 +305,15 @@ void multicrop_cpu(const Batch& b, const std::vector<const In*>& src, const floa
       const int64_t W = b.widths[j];
       const In* base = src[j] + c * b.heights[j] * W + static_cast<int64_t>(top) * W + left;
       float* x = scratch.data();
+      RowCache<In> rows(base, W, xtaps.data(), S, rowbuf.data());
       double total = 0.0;
       for (int oy = 0; oy < S; ++oy) {
         const Tap ty = ytaps[oy];
-        const In* r0 = base + static_cast<int64_t>(ty.i0) * W;
-        const In* r1 = base + static_cast<int64_t>(ty.i1) * W;
+        const float* h0 = rows.get(ty.i0, ty.i1);
+        const float* h1 = ty.i1 == ty.i0 ? h0 : rows.get(ty.i1, ty.i0);
         float* xr = x + static_cast<int64_t>(oy) * S;
-        for (int ox = 0; ox < S; ++ox) {
-          const Tap tx = xtaps[ox];
-          const float v = bilinear(to_float(r0[tx.i0]), to_float(r0[tx.i1]), to_float(r1[tx.i0]),
-                                   to_float(r1[tx.i1]), tx.w0, tx.w1, ty.w0, ty.w1);
-          xr[ox] = brightness_pixel(v, gain);
-        }
+#pragma omp simd
+        for (int ox = 0; ox < S; ++ox) xr[ox] = brightness_pixel(lerp(h0[ox], h1[ox], ty.w0, ty.w1), gain);
         total += sum_blocks(xr, S);
       }
       const float mean_before = static_cast<float>(total / static_cast<double>(plane));

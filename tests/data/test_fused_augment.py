@@ -230,6 +230,15 @@ def test_shapes_order_and_thread_count_independence():
     assert torch.equal(single[0], g1[1::b]) and torch.equal(single[1], l1[1::b])
 
 
+def test_no_local_crops():
+    rng = np.random.default_rng(16)
+    images = [make_image(rng, torch.uint16, 2, 30, 30) for _ in range(2)]
+    params = params_for([(2, 30, 30)] * 2, seed=1, n_global=2, n_local=0, g=11)
+    g, l = fa.fused_multicrop(images, params)
+    assert g.shape == (4, 2, 11, 11) and l.shape[0] == 0
+    check_against_reference(images, params, list(g), 65535.0, "no locals")
+
+
 def _subset(params, image, b):
     rows = np.nonzero(params.image_index == image)[0]
     take = lambda a: np.ascontiguousarray(a[rows])  # noqa: E731
