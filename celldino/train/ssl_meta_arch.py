@@ -66,7 +66,7 @@ class SSLMetaArch(nn.Module):
             student["dino_head"] = _make_head(cfg.dino, embed_dim)
             teacher["dino_head"] = _make_head(cfg.dino, embed_dim)
         self.dino_loss = DINOLoss(cfg.dino.head_n_prototypes)
-        self.koleo_loss = KoLeoLoss()
+        self.koleo_loss = KoLeoLoss(distributed=bool(cfg.dino.get("koleo_distributed", False)))
         if self.do_ibot:
             if max(cfg.ibot.mask_ratio_min_max) <= 0 or cfg.ibot.mask_sample_probability <= 0:
                 raise ValueError("ibot.loss_weight > 0 needs ibot.mask_ratio_min_max and "
@@ -101,6 +101,7 @@ class SSLMetaArch(nn.Module):
     def set_process_group(self, group):
         """Process group for the loss reductions (centering / Sinkhorn all-reduces)."""
         self.dino_loss.group = group
+        self.koleo_loss.group = group
         if self.do_ibot:
             self.ibot_patch_loss.group = group
 

@@ -280,7 +280,9 @@ class Trainer:
 
     # ---- the loop ------------------------------------------------------------------------------------------------
 
-    def run(self):
+    def run(self, data=None):
+        """data: optional iterable of collated batches (each with an "iteration" key) replacing the configured
+        dataset, for tests and benchmarks."""
         cfg = self.cfg
         if self.is_main:
             print(f"celldino train: {cfg.student.arch} ({self.n_params / 1e6:.1f} M backbone parameters), "
@@ -293,7 +295,8 @@ class Trainer:
             summary.update(end_iteration=self.start_iter, iterations_run=0,
                            checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None)
             return summary
-        loader = build_train_loader(cfg, self.start_iter, self.rank, self.world_size, dtype=self.plan.input_dtype)
+        if data is None:
+            data = build_train_loader(cfg, self.start_iter, self.rank, self.world_size, dtype=self.plan.input_dtype)
         meters = {"iter_time": SmoothedValue(), "data_time": SmoothedValue()}
         pending = []
         progress = Progress(self.start_iter, self.max_iter, enabled=self.is_main)
@@ -302,7 +305,7 @@ class Trainer:
         saved_at = None
         last_record = None
         self._install_signal_handlers()
-        data_iter = iter(loader)
+        data_iter = iter(data)
         try:
             tick = time.perf_counter()
             while iteration < self.max_iter:
@@ -378,14 +381,15 @@ class Trainer:
             distributed.destroy()
 
 
-def run_training(cfg, output_dir, resume=True):
+def run_training(cfg, output_dir, resume=True, data=None):
     """Train with `cfg` (a merged config, e.g. from celldino.config.load_config) into output_dir; resumes from the
     newest checkpoint there unless resume=False. Returns a summary dict (iterations run, where it stopped and
-    why, the last checkpoint, the teacher exports, the per-iteration losses, the last metrics line)."""
+    why, the last checkpoint, the teacher exports, the per-iteration losses, the last metrics line).
+    data: optional iterable of collated batches to train on instead of cfg.train.dataset_path."""
     trainer = None
     try:
         trainer = Trainer(cfg, output_dir, resume=resume)
-        return trainer.run()
+        return trainer.run(data)
     finally:
         if trainer is not None:
             trainer.close()

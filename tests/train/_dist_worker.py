@@ -1,0 +1,77 @@
+"""One rank of a multi-process CPU (gloo) training run, started by test_distributed.py with torchrun-style
+environment variables. Writes <result>.rank<N>.json (with "done": true) once training has returned and the
+process group is gone, so the parent can tell a completed rank from a failed one even if the process then aborts
+at interpreter exit (seen with FSDP2 + gloo on CPU)."""
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def synthetic_batches(cfg, rank, world, n_iterations, seed=1234):
+    """The same global batch of world x B images every run, split by sample over the ranks (crop-major inside a
+    rank, as collate does): rank r gets samples [r B, (r + 1) B) of each global batch."""
+    import torch
+    B = cfg.train.batch_size_per_gpu
+    C, G, L = cfg.student.in_chans, cfg.crops.global_crops_size, cfg.crops.local_crops_size
+    n_local = cfg.crops.local_crops_number
+    side = G // cfg.student.patch_size
+    for it in range(n_iterations):
+        g = torch.Generator().manual_seed(seed + it)
+        total = B * world
+        glob = torch.randn(total, 2, C, G, G, generator=g)
+        loc = torch.randn(total, n_local, C, L, L, generator=g)
+        masks = torch.rand(total, 2, side * side, generator=g) < 0.3
+        masks[:, 1] = False  # half of the global crops unmasked, as the reference's mask probability 0.5
+        masks[:, 0, 0] = True  # every masked crop has at least one masked patch
+        mine = slice(rank * B, (rank + 1) * B)
+        glob, loc, masks = glob[mine], loc[mine], masks[mine]
+        collated_masks = torch.cat([masks[:, 0], masks[:, 1]])
+        counts = collated_masks.sum(-1, keepdim=True).clamp(min=1)
+        yield {
+            "collated_global_crops": torch.cat([glob[:, 0], glob[:, 1]]),
+            "collated_local_crops": torch.cat([loc[:, j] for j in range(n_local)]),
+            "collated_masks": collated_masks,
+            "mask_indices_list": collated_masks.flatten().nonzero().flatten(),
+            "masks_weight": (1.0 / counts).expand_as(collated_masks)[collated_masks],
+            "upperbound": int(collated_masks.sum()),
+            "n_masked_patches": torch.tensor([int(collated_masks.sum())]),
+            "iteration": it,
+        }
+
+
+def main():
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    import torch
+    torch.set_num_threads(1)
+    from conftest import tiny_cfg
+
+    from celldino.train.trainer import Trainer
+    cfg = tiny_cfg(*spec["overrides"])
+    trainer = Trainer(cfg, spec["output_dir"], resume=spec.get("resume", True))
+    result = {"rank": rank, "world": world, "start_iteration": trainer.start_iter}
+    try:
+        if spec.get("compare_teacher"):
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+            state = get_model_state_dict(trainer.model.teacher, options=StateDictOptions(full_state_dict=True))
+            saved = torch.load(spec["compare_teacher"], weights_only=True)["teacher"]
+            if rank == 0:
+                result["teacher_equal"] = sorted(saved) == sorted(state) and all(
+                    torch.equal(saved[k], state[k]) for k in saved)
+        data = None
+        if spec.get("synthetic"):
+            data = synthetic_batches(trainer.cfg, rank, world, trainer.max_iter)
+        summary = trainer.run(data)
+    finally:
+        trainer.close()
+    result.update(loss_history=summary["loss_history"], end_iteration=summary["end_iteration"],
+                  stopped=summary["stopped"], done=True)
+    path = Path(f"{spec['result']}.rank{rank}.json")
+    path.write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
