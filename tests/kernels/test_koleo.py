@@ -6,16 +6,14 @@ normalize(eps) -> argmax of dot products with the diagonal excluded -> ||n_i - n
 On CPU the kernels run under TRITON_INTERPRET=1 (set by tests/conftest.py).
 """
 import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from celldino import kernels
 from celldino.kernels import koleo as ko
+from gloo_ranks import run_on_gloo_ranks
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = 1e-8
@@ -137,23 +135,10 @@ def test_dispatcher_follows_the_backend_switch():
 
 # ---- distributed: 2 gloo processes, equal to one process on the concatenated batch ------------------------------
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, world, port, x, splits, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        local = torch.split(x, splits)[rank]
-        results = {}
-        for name, fn in (("triton", ko.koleo_loss_distributed_triton), ("torch", ko.koleo_loss_distributed_reference)):
-            results[name] = loss_and_grad(fn, local, grad_out=1.0)
-        queue.put((rank, results))
-    finally:
-        dist.destroy_process_group()
+def _rank_losses(rank, world, x, splits):
+    local = torch.split(x, splits)[rank]
+    backends = (("triton", ko.koleo_loss_distributed_triton), ("torch", ko.koleo_loss_distributed_reference))
+    return {name: loss_and_grad(fn, local, grad_out=1.0) for name, fn in backends}
 
 
 def _expected_distributed(x, splits):
@@ -168,19 +153,10 @@ def _expected_distributed(x, splits):
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("splits", [[6, 6], [3, 8]])
-def test_two_gloo_ranks_equal_single_process_on_concatenated_batch(splits):
+def test_two_gloo_ranks_equal_single_process_on_concatenated_batch(splits, tmp_path):
     x = torch.randn(sum(splits), 24)
     x[splits[0] + 1] = x[1] * 2  # a cross-rank duplicate direction: rank 0's row 1 has its neighbour on rank 1
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, x, splits, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=300) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = run_on_gloo_ranks(_rank_losses, (x, splits), tmp_path / "gloo_store")
     losses64, grads64 = _expected_distributed(x, splits)
     for rank in range(2):
         for backend in ("triton", "torch"):

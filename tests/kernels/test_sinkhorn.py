@@ -5,15 +5,13 @@ torch reference is the DINOv2 algorithm run literally in fp32 (no max subtractio
 On CPU the kernels run under TRITON_INTERPRET=1 (set by tests/conftest.py).
 """
 import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from celldino import kernels
 from celldino.kernels import sinkhorn as sk
+from gloo_ranks import run_on_gloo_ranks
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -142,44 +140,24 @@ def test_bad_arguments_are_clear_errors():
 
 # ---- distributed: 2 gloo processes, rows sharded, equal to one process on the concatenated rows ---------------
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, world, port, logits, splits, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        results = {}
-        local_even = logits.chunk(world)[rank]
-        local_uneven = torch.split(logits, splits)[rank]
-        for name, fn in (("triton", sk.sinkhorn_knopp_triton), ("torch", sk.sinkhorn_knopp_reference)):
-            results[name, "dino"] = fn(local_even, 0.07)  # default n_rows = rows_local x world
-            results[name, "ibot"] = fn(local_uneven, 0.07, n_rows=sum(splits))
-            results[name, "n0"] = fn(local_uneven, 0.07, n_iterations=0, n_rows=sum(splits))
-            results[name, "cold"] = fn(local_even * 4, 0.04)  # t/T up to ~500: needs the all-reduced shift
-            results[name, "empty"] = fn(torch.split(logits, [0, len(logits)])[rank], 0.07, n_rows=len(logits))
-        queue.put((rank, results))
-    finally:
-        dist.destroy_process_group()
+def _rank_targets(rank, world, logits, splits):
+    results = {}
+    local_even = logits.chunk(world)[rank]
+    local_uneven = torch.split(logits, splits)[rank]
+    for name, fn in (("triton", sk.sinkhorn_knopp_triton), ("torch", sk.sinkhorn_knopp_reference)):
+        results[name, "dino"] = fn(local_even, 0.07)  # default n_rows = rows_local x world
+        results[name, "ibot"] = fn(local_uneven, 0.07, n_rows=sum(splits))
+        results[name, "n0"] = fn(local_uneven, 0.07, n_iterations=0, n_rows=sum(splits))
+        results[name, "cold"] = fn(local_even * 4, 0.04)  # t/T up to ~500: needs the all-reduced shift
+        results[name, "empty"] = fn(torch.split(logits, [0, len(logits)])[rank], 0.07, n_rows=len(logits))
+    return results
 
 
 @pytest.mark.distributed
-def test_two_gloo_ranks_equal_single_process_on_concatenated_rows():
+def test_two_gloo_ranks_equal_single_process_on_concatenated_rows(tmp_path):
     logits = torch.randn(8, 37) * 1.5
     splits = [3, 5]  # uneven masked-patch counts per rank (iBOT)
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, logits, splits, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=300) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = run_on_gloo_ranks(_rank_targets, (logits, splits), tmp_path / "gloo_store")
     single = {
         "dino": sk.sinkhorn_knopp_triton(logits, 0.07),
         "ibot": sk.sinkhorn_knopp_triton(logits, 0.07),

@@ -1,15 +1,11 @@
 """Losses against float64 re-computations of the reference formulas (reference_spec.md §5)."""
-import math
-import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from celldino.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
+from gloo_ranks import run_on_gloo_ranks
 
 
 def _ce64(teacher_probs, student_logits, temp=0.1):
@@ -102,7 +98,8 @@ def test_ibot_forward_masked_weights_and_normalisation():
     expected = (_ce64(teacher, student[:n]) * weights).sum() / n_crops
     assert torch.allclose(loss.double(), expected, rtol=1e-5)
     # explicit masks_weight gives the same value
-    again = iBOTPatchLoss(K).forward_masked(student[:n], teacher, masks, n_masked_patches=n, masks_weight=weights.float())
+    again = iBOTPatchLoss(K).forward_masked(student[:n], teacher, masks, n_masked_patches=n,
+                                            masks_weight=weights.float())
     assert torch.allclose(again, loss)
 
 
@@ -157,42 +154,23 @@ def test_koleo_rejects_a_single_row():
 
 # ---- distributed: 2 gloo processes equal one process on the concatenated batch -------------------------------
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, world, port, outs, n_masked, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        dino = DINOLoss(outs.shape[-1])
-        local = outs.chunk(world)[rank]
-        dino.update_center(local)
-        dino.apply_center_update()
-        rows = torch.split(outs, n_masked)[rank]
-        ibot_targets = iBOTPatchLoss(outs.shape[-1]).sinkhorn_knopp_teacher(rows, 0.07, torch.tensor([len(rows)]))
-        dino_targets = dino.sinkhorn_knopp_teacher(local, 0.07)
-        queue.put((rank, dino.center.clone(), ibot_targets.clone(), dino_targets.clone()))
-    finally:
-        dist.destroy_process_group()
+def _rank_center_and_targets(rank, world, outs, n_masked):
+    dino = DINOLoss(outs.shape[-1])
+    local = outs.chunk(world)[rank]
+    dino.update_center(local)
+    dino.apply_center_update()
+    rows = torch.split(outs, n_masked)[rank]
+    ibot_targets = iBOTPatchLoss(outs.shape[-1]).sinkhorn_knopp_teacher(rows, 0.07, torch.tensor([len(rows)]))
+    dino_targets = dino.sinkhorn_knopp_teacher(local, 0.07)
+    return dino.center.clone(), ibot_targets, dino_targets
 
 
 @pytest.mark.distributed
-def test_distributed_centering_and_sinkhorn_equal_single_process():
+def test_distributed_centering_and_sinkhorn_equal_single_process(tmp_path):
     torch.manual_seed(11)
     outs = torch.randn(8, 13)
     n_masked = [3, 5]  # uneven masked-patch counts per rank
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, outs, n_masked, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict((item[0], item[1:]) for item in (queue.get(timeout=120) for _ in procs))
-    for p in procs:
-        p.join(timeout=60)
+    results = run_on_gloo_ranks(_rank_center_and_targets, (outs, n_masked), tmp_path / "gloo_store")
     expected_center = 0.1 * outs.mean(0, keepdim=True)
     expected_sk = _sinkhorn64(outs, 0.07)
     for rank in range(2):
