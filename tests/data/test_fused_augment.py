@@ -318,6 +318,57 @@ def test_matches_cell_augmentation_dino_and_collate():
     assert batch["upperbound"] == want["upperbound"]
 
 
+def test_opcheck_schema_fake_and_aot():
+    """torch.library registration: schema, fake (meta) implementation and AOT dispatch are consistent."""
+    rng = np.random.default_rng(17)
+    img = make_image(rng, torch.uint16, 3, 20, 22)
+    params = params_for([(3, 20, 22)], seed=0, n_global=1, n_local=1, g=8, l=4, p_protein=1.0)
+    crop_int, crop_float = fa.pack_crop_params(params, 3)
+    result = torch.library.opcheck(torch.ops.celldino.fused_multicrop.default,
+                                   ([img], crop_int, crop_float, None, 1, 8, 4, 1, 65535.0, torch.bfloat16))
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
+class _RawImages(torch.utils.data.Dataset):
+    """(raw uint16 image of varying size, target), like build_dataset(spec) without a transform."""
+
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, i):
+        rng = np.random.default_rng(i)
+        return make_image(rng, torch.uint16, 4, 40 + 3 * i, 50 - 2 * i), i
+
+
+def test_collate_fn_in_dataloader_workers():
+    """The CPU path of the trainer contract: raw images -> collate_fn in 2 forked workers (1 torch thread each)
+    -> reference batch dict; distinct batches get distinct crops; a fixed seed reproduces the run."""
+    from celldino.data.masking import MaskingGenerator
+
+    def run(seed):
+        aug = fa.FusedCellAugmentation((0.4, 1.0), (0.05, 0.4), 2, global_crops_size=32, local_crops_size=16,
+                                       out_dtype=torch.bfloat16, seed=seed)
+        # random_module=None: Python's `random`, which torch seeds per worker from the loader's generator
+        collate = aug.collate_fn((0.1, 0.5), 0.5, MaskingGenerator(2, max_num_patches=2, seed=seed))
+        loader = torch.utils.data.DataLoader(_RawImages(), batch_size=3, num_workers=2, collate_fn=collate,
+                                             generator=torch.Generator().manual_seed(seed))
+        return list(loader)
+
+    batches = run(0)
+    assert len(batches) == 2
+    for batch in batches:
+        assert batch["collated_global_crops"].shape == (6, 4, 32, 32)
+        assert batch["collated_local_crops"].shape == (6, 4, 16, 16)
+        assert batch["collated_global_crops"].dtype == torch.bfloat16
+        assert batch["collated_masks"].shape == (6, 4)
+        assert torch.isfinite(batch["collated_global_crops"].float()).all()
+    assert not torch.equal(batches[0]["collated_global_crops"], batches[1]["collated_global_crops"])
+    again = run(0)
+    for a, b in zip(batches, again):
+        for key in ("collated_global_crops", "collated_local_crops", "collated_masks"):
+            assert torch.equal(a[key], b[key]), key
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 
 
