@@ -211,6 +211,7 @@ print("compiled", n)
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(ko.triton is None, reason="needs triton")
 def test_every_gpu_config_compiles_for_sm90(tmp_path):
     """Lower every autotune config to an sm_90 cubin in a process without TRITON_INTERPRET (no GPU needed)."""
