@@ -1,0 +1,89 @@
+"""Activation checkpointing and compile change nothing in the losses; the precision plan follows the config; the
+FLOP model used for TFLOP/s and MFU agrees with torch's FlopCounterMode; metrics helpers."""
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from celldino.train.metrics import SmoothedValue, _linear_flops_per_row, backbone_forward_flops, ssl_step_flops
+from celldino.train.parallel import make_plan
+from celldino.train.ssl_meta_arch import SSLMetaArch
+from celldino.train.trainer import run_training
+
+from conftest import tiny_cfg
+
+
+def test_activation_checkpointing_modes_give_identical_losses(tmp_path):
+    histories = {}
+    for mode in ("none", "full", "selective"):
+        cfg = tiny_cfg(f"train.activation_checkpointing={mode}", "student.drop_path_rate=0.2", "optim.epochs=1")
+        histories[mode] = run_training(cfg, tmp_path / mode)["loss_history"]
+    # recomputation replays the same RNG (stochastic depth) and the same ops: bit-identical on CPU
+    assert histories["full"] == histories["none"] and histories["selective"] == histories["none"]
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_like_eager(tmp_path):
+    overrides = ("optim.epochs=1", "train.OFFICIAL_EPOCH_LENGTH=2", "student.layerscale=1.0")
+    eager = run_training(tiny_cfg(*overrides), tmp_path / "eager")["loss_history"]
+    compiled = run_training(tiny_cfg(*overrides, "train.compile=true"), tmp_path / "compiled")["loss_history"]
+    for (_, a), (_, b) in zip(compiled, eager):
+        assert a == pytest.approx(b, rel=1e-4)
+
+
+def test_precision_plan():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    plan = make_plan(tiny_cfg(), cpu, distributed=False)
+    assert not plan.fsdp and not plan.compile and plan.input_dtype == torch.float32 and plan.autocast_dtype is None
+    plan = make_plan(tiny_cfg(), cuda, distributed=True)  # auto on a GPU: bf16 params, fp32 reduction, compile
+    assert plan.fsdp and plan.compile and not plan.grad_scaler
+    assert plan.student["backbone"].param_dtype == torch.bfloat16
+    assert plan.student["backbone"].reduce_dtype == torch.float32
+    assert plan.student["backbone"].reshard_after_forward is False  # reference SHARD_GRAD_OP = ZeRO-2
+    assert plan.teacher["backbone"].reshard_after_forward is True   # forward only
+    ref = make_plan(tiny_cfg("compute_precision.policy=reference"), cuda, distributed=True)
+    assert ref.grad_scaler and ref.student["backbone"].param_dtype == torch.float16
+    assert ref.student["backbone"].reduce_dtype == torch.float16
+    assert ref.student["dino_head"].reduce_dtype == torch.float32  # the reference's fp32 head reduction
+    z3 = make_plan(tiny_cfg("compute_precision.sharding=zero3"), cuda, distributed=True)
+    assert z3.student["backbone"].reshard_after_forward is True
+    plain_bf16 = make_plan(tiny_cfg("compute_precision.policy=bf16"), cpu, distributed=False)
+    assert plain_bf16.autocast_dtype == torch.bfloat16  # unsharded: autocast instead of FSDP mixed precision
+    with pytest.raises(ValueError, match="policy"):
+        make_plan(tiny_cfg("compute_precision.policy=fp8"), cpu, distributed=False)
+    with pytest.raises(ValueError, match="activation_checkpointing"):
+        make_plan(tiny_cfg("train.activation_checkpointing=some"), cpu, distributed=False)
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        make_plan(tiny_cfg("compute_precision.policy=reference"), cpu, distributed=False)
+
+
+def test_flop_model_matches_flop_counter():
+    cfg = tiny_cfg("student.num_register_tokens=2")
+    model = SSLMetaArch(cfg).eval()
+    backbone = model.teacher.backbone
+    x = torch.randn(3, 1, 32, 32)
+    with FlopCounterMode(display=False) as counter:
+        backbone.forward_features(x)
+    ours, tokens = backbone_forward_flops(backbone, 3, 32)
+    n = 16 + 1 + 2
+    assert tokens == 3 * n
+    attention = 4 * n * n * 32 * 2 * 3  # QK^T and AV per crop and block (SDPA on CPU is not counted by torch)
+    assert ours == counter.get_total_flops() + attention
+    rows = torch.randn(7, 32)
+    with FlopCounterMode(display=False) as counter:
+        model.teacher.dino_head(rows)
+    assert 7 * _linear_flops_per_row(model.teacher.dino_head) == counter.get_total_flops()
+    step, student_tokens = ssl_step_flops(model, cfg, batch_size=4, n_masked=10)
+    g, gt = backbone_forward_flops(backbone, 8, 32)
+    loc, lt = backbone_forward_flops(backbone, 8, 16)
+    head = _linear_flops_per_row(model.student.dino_head)
+    assert step == 3 * (g + loc + head * (16 + 10)) + g + head * (8 + 10)
+    assert student_tokens == gt + lt
+
+
+def test_smoothed_value_median_is_the_lower_middle_like_torch():
+    meter = SmoothedValue(window_size=4)
+    for v in (5, 1, 4, 2, 3):
+        meter.update(v)
+    assert list(meter.window) == [1.0, 4.0, 2.0, 3.0]
+    assert meter.median == torch.tensor([1.0, 4.0, 2.0, 3.0]).median().item() == 2.0
+    assert meter.avg == 2.5 and meter.global_avg == 3.0
