@@ -32,6 +32,7 @@ def _extension_modules():
         return [], {}
 
     cu = sorted(glob.glob(os.path.join("csrc", "*.cu")))
+    headers = sorted(glob.glob(os.path.join("csrc", "*.h")))  # a changed header rebuilds the extension
     want_cuda = os.environ.get("CELLDINO_BUILD_CUDA", "auto")
     has_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     use_cuda = bool(cu) and (want_cuda == "1" or (want_cuda == "auto" and has_cuda))
@@ -43,10 +44,12 @@ def _extension_modules():
         extra["nvcc"] = ["-O3", "-std=c++20", "--fmad=false"]
         macros.append(("CELLDINO_WITH_CUDA", "1"))
         ext = cpp_extension.CUDAExtension(
-            "celldino._C", cpp + cu, extra_compile_args=extra, extra_link_args=openmp, define_macros=macros)
+            "celldino._C", cpp + cu, extra_compile_args=extra, extra_link_args=openmp, define_macros=macros,
+            depends=headers)
     else:
         ext = cpp_extension.CppExtension(
-            "celldino._C", cpp, extra_compile_args=extra, extra_link_args=openmp, define_macros=macros)
+            "celldino._C", cpp, extra_compile_args=extra, extra_link_args=openmp, define_macros=macros,
+            depends=headers)
 
     class OptionalBuildExt(cpp_extension.BuildExtension):
         def run(self):
