@@ -129,6 +129,12 @@ def _selective_policy():
         cudnn = getattr(aten, "_scaled_dot_product_cudnn_attention", None)
         if cudnn is not None:
             ops.append(cudnn.default)
+        import celldino.kernels  # noqa: F401 - registers the multi-crop attention ops
+        for name in ("multicrop_attention_fwd", "multicrop_attention_reference"):
+            try:  # the packed attention's forward (Triton kernel or its torch twin): saved, never recomputed
+                ops.append(getattr(torch.ops.celldino, name).default)
+            except (AttributeError, RuntimeError):
+                pass
         _SAVE_OPS = set(ops)
     from torch.utils.checkpoint import CheckpointPolicy
 
