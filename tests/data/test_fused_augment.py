@@ -503,8 +503,9 @@ def test_cuda_kernel_code_emulated_on_cpu_equals_cpu_op(threads, dtype):
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.uint16, torch.float32])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 def test_cuda_equals_cpu(dtype, out_dtype):
-    """Same arithmetic (csrc/augment_math.h, no FMA contraction, IEEE div/sqrt): only the reduction order differs,
-    so outputs agree to a few fp32 ulps (one bf16 ulp)."""
+    """Same per-pixel arithmetic (csrc/augment_math.h, no FMA contraction, IEEE div/sqrt); only the reduction order
+    differs. The GPU output satisfies the 2x rule against the fp64 reference by itself, and matches the CPU op to
+    fp32 rounding (one bf16 ulp)."""
     assert fa.cuda_extension_available(), "celldino._C was built without CUDA on a GPU machine"
     rng = np.random.default_rng(21)
     images = [make_image(rng, dtype, 5, h, w) for h, w in [(300, 280), (97, 131), (64, 64)]]
@@ -514,10 +515,13 @@ def test_cuda_equals_cpu(dtype, out_dtype):
     cpu = fa.fused_multicrop(images, params, out_dtype=out_dtype)
     gpu = fa.fused_multicrop([im.cuda() for im in images], params, out_dtype=out_dtype)
     for a, b in zip(cpu, gpu):
-        assert b.device.type == "cuda" and b.dtype == out_dtype
-        b = b.cpu().float()
-        a = a.float()
-        tol = 1e-5 if out_dtype == torch.float32 else 2 ** -7
+        assert b.device.type == "cuda" and b.dtype == out_dtype and b.shape == a.shape
+    if out_dtype == torch.float32:
+        gpu_rows = [x.cpu() for x in list(gpu[0]) + list(gpu[1])]
+        check_against_reference(images, params, gpu_rows, DIVISORS[dtype], f"cuda {dtype}")
+    for a, b in zip(cpu, gpu):
+        a, b = a.float(), b.cpu().float()
+        tol = 1e-4 if out_dtype == torch.float32 else 2 ** -7
         assert torch.allclose(a, b, rtol=tol, atol=tol), (a - b).abs().max()
         assert (a == b).float().mean() > 0.5
     # CPU images, device="cuda": uploaded by the wrapper; given channel maxima
