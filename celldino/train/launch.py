@@ -63,6 +63,7 @@ def main(args):
         loss = f", last total loss {last['total_loss']:.4f}" if last else ""
         print(f"celldino train: {summary['stopped']} at iteration {summary['end_iteration']} of "
               f"{summary['max_iter']}{loss}; checkpoint {summary.get('checkpoint')}", flush=True)
-    if summary["stopped"] == "signal" and summary.get("signal") in ("SIGUSR1", "SIGUSR2") and rank == 0:
+    if (summary["stopped"] == "signal" and summary.get("signal") in ("SIGUSR1", "SIGUSR2") and rank == 0
+            and os.environ.get("CELLDINO_NO_REQUEUE") != "1"):
         _requeue_slurm_job()
     return 0

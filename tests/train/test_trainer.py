@@ -165,3 +165,36 @@ def test_cli_trains_and_resumes(tmp_path, capsys):
     assert "stop_after_iters at iteration 1 of 2" in capsys.readouterr().out
     assert _launch(*args) == 0
     assert "finished at iteration 2 of 2" in capsys.readouterr().out
+
+
+def test_submit_runs_the_trainer_through_submitit(tmp_path, monkeypatch, capsys):
+    """The submitit path end to end with its in-process debug executor (what SLURM tasks run), plus the SLURM
+    parameters it would submit."""
+    pytest.importorskip("submitit")
+    from conftest import TINY
+
+    from celldino.train import submit
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                "CELLDINO_NO_REQUEUE"):
+        monkeypatch.delenv(key, raising=False)  # restored afterwards even if the job sets them
+    parser = argparse.ArgumentParser()
+    submit.add_arguments(parser)
+    args = parser.parse_args(["--cluster", "debug", "--nodes", "1", "--gpus-per-node", "1", "--config-file", "demo",
+                              "--output-dir", str(tmp_path)] + TINY + ["optim.epochs=1",
+                                                                      "train.OFFICIAL_EPOCH_LENGTH=2"])
+    assert submit.main(args) == 0
+    assert "finished at iteration 2 of 2" in capsys.readouterr().out
+    assert (tmp_path / "checkpoints" / "iter_00000001").is_dir() and (tmp_path / "submitit").is_dir()
+
+    import submitit.slurm.slurm as slurm_module
+    monkeypatch.setattr(slurm_module.SlurmExecutor, "affinity", classmethod(lambda cls: 1))  # no srun here
+    args = parser.parse_args(["--cluster", "slurm", "--nodes", "4", "--gpus-per-node", "8", "--partition", "gpu",
+                              "--timeout-min", "600", "--output-dir", str(tmp_path / "slurm")])
+    executor = submit.build_executor(args)
+    params = executor._executor.parameters
+    assert params["nodes"] == 4 and params["ntasks_per_node"] == 8 and params["gpus_per_node"] == 8
+    assert params["partition"] == "gpu" and params["time"] == 600 and params["signal_delay_s"] == 120
+    sbatch = executor._executor._make_submission_file_text("python -m submitit.core._submit", "0")
+    assert "#SBATCH --nodes=4" in sbatch and "#SBATCH --signal=USR2@120" in sbatch
+    bad = parser.parse_args(["--cluster", "debug", "--output-dir", str(tmp_path / "bad"), "train.nope=1"])
+    assert submit.main(bad) == 2 and "train.nope" in capsys.readouterr().err
