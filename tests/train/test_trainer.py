@@ -198,3 +198,47 @@ def test_submit_runs_the_trainer_through_submitit(tmp_path, monkeypatch, capsys)
     assert "#SBATCH --nodes=4" in sbatch and "#SBATCH --signal=USR2@120" in sbatch
     bad = parser.parse_args(["--cluster", "debug", "--output-dir", str(tmp_path / "bad"), "train.nope=1"])
     assert submit.main(bad) == 2 and "train.nope" in capsys.readouterr().err
+
+
+KILL_SCRIPT = """
+import sys, time
+sys.path.insert(0, {tests!r})
+import torch.distributed.checkpoint as dcp
+from celldino.train import checkpointing
+from conftest import tiny_cfg
+from celldino.train.trainer import run_training
+saves = []
+real_save = dcp.save
+def slow_save(state, checkpoint_id, **kw):
+    saves.append(checkpoint_id)
+    real_save(state, checkpoint_id=checkpoint_id, **kw)
+    if len(saves) == 2:  # the second checkpoint: written to its temporary directory, never renamed
+        open({marker!r}, "w").write(checkpoint_id)
+        time.sleep(600)
+checkpointing.dcp.save = slow_save
+run_training(tiny_cfg("train.checkpoint_period=2"), {out!r})
+"""
+
+
+def test_kill_during_a_save_leaves_the_previous_checkpoint_usable(tmp_path):
+    import subprocess
+    import sys
+    import time
+    out, marker = tmp_path / "run", tmp_path / "saving"
+    script = KILL_SCRIPT.format(tests=str(os.path.dirname(__file__)), marker=str(marker), out=str(out))
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 180
+        while not marker.exists():
+            if proc.poll() is not None or time.time() > deadline:
+                pytest.fail(f"the training subprocess ended before the second save: {proc.stderr.read()[-3000:]}")
+            time.sleep(0.2)
+        proc.kill()  # SIGKILL in the middle of the save
+    finally:
+        proc.wait()
+    partial = out / "checkpoints" / ".tmp-iter_00000003"
+    assert partial.is_dir() and any(partial.iterdir())
+    assert _files(out / "checkpoints") == [".tmp-iter_00000003", "iter_00000001"]
+    resumed = run_training(tiny_cfg("train.checkpoint_period=2"), out)
+    assert resumed["start_iteration"] == 2 and resumed["stopped"] == "finished"
+    assert not partial.exists()  # the interrupted save was cleaned up
