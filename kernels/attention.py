@@ -2,9 +2,12 @@
 
     multicrop_attention(q, k, v, cu_seqlens, max_seqlen=None, scale=None) -> o
 
-q, k, v: [total_tokens, heads, head_dim] (any strides); cu_seqlens: int [n_crops + 1] cumulative crop offsets
-(a CPU tensor avoids the one device->host copy per new cu_seqlens tensor). Each crop attends only to its own
-tokens; o is [total_tokens, heads, head_dim], contiguous, in q's dtype. Differentiable in q, k and v.
+q, k, v: [total_tokens, heads, head_dim] (any strides). cu_seqlens: the [n_crops + 1] cumulative crop offsets
+(0, n_0, n_0 + n_1, ..., total_tokens), either an int32 tensor (CPU avoids one device->host copy per new tensor)
+or a sequence of Python ints. Both work eagerly and under torch.compile(fullgraph=True) on every path; under
+compile a sequence is a constant of the graph (the torch path then traces into plain SDPA calls), a tensor goes
+through one opaque custom op (its offsets are read when the op runs). Each crop attends only to its own tokens;
+o is [total_tokens, heads, head_dim], contiguous, in q's dtype. Differentiable in q, k and v.
 
 Implementations (chosen by `_dispatch`):
 - `multicrop_attention_reference`: plain torch, one SDPA call per group of equal-length crops (the DINOv3
@@ -55,24 +58,92 @@ def _check_inputs(q, k, v, offsets):
         raise ValueError(f"multicrop_attention: cu_seqlens ends at {offsets[-1]} but q has {q.shape[0]} tokens")
 
 
+def _length_groups(offsets, device):
+    """[(n, token index [crops * n]), ...]: the crops of each non-zero length, in one SDPA batch per length (crops
+    of one length need not be contiguous)."""
+    starts = {}
+    for lo, hi in zip(offsets[:-1], offsets[1:]):
+        if hi > lo:
+            starts.setdefault(hi - lo, []).append(lo)
+    return [(n, (torch.tensor(s, device=device)[:, None] + torch.arange(n, device=device)).reshape(-1))
+            for n, s in starts.items()]
+
+
+def _gather_crops(t, idx, n):
+    """[T, heads, d] -> [crops, heads, n, d] for the tokens idx of crops of length n."""
+    return t.index_select(0, idx).view(-1, n, *t.shape[1:]).transpose(1, 2)
+
+
+def _scatter_crops(out, idx, crops):
+    out.index_copy_(0, idx, crops.transpose(1, 2).reshape(-1, *out.shape[1:]))
+
+
+def _reference_forward(q, k, v, offsets, scale):
+    _check_inputs(q, k, v, offsets)
+    out = q.new_empty(q.shape)
+    for n, idx in _length_groups(offsets, q.device):
+        o = F.scaled_dot_product_attention(*(_gather_crops(t, idx, n) for t in (q, k, v)), scale=scale)
+        _scatter_crops(out, idx, o)
+    return out
+
+
 def multicrop_attention_reference(q, k, v, cu_seqlens, scale=None):
-    """SDPA once per crop-length group; crops of one length need not be contiguous."""
+    """SDPA once per crop-length group; cu_seqlens an int tensor or a sequence of ints (see the module doc)."""
+    if torch.is_tensor(cu_seqlens) and torch.compiler.is_compiling():
+        # reading a tensor's offsets on the host is data-dependent (a graph break under fullgraph): one opaque op
+        return torch.ops.celldino.multicrop_attention_reference(q, k, v, cu_seqlens, scale)
+    return _reference_forward(q, k, v, _offsets(cu_seqlens), scale)
+
+
+# The reference behind a custom op, for tensor offsets under torch.compile. Autograd does not record inside a
+# custom op, so its backward is written out: P = softmax(s QK^T), dV = P^T dO, dS = P (dO V^T - rowsum(dO * O)),
+# dQ = s dS K, dK = s dS^T Q (half precision computed in fp32).
+@torch.library.custom_op("celldino::multicrop_attention_reference", mutates_args=())
+def _reference_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                  scale: float | None) -> torch.Tensor:
+    return _reference_forward(q, k, v, _offsets(cu_seqlens), scale)
+
+
+@_reference_op.register_fake
+def _reference_fake(q, k, v, cu_seqlens, scale):
+    return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("celldino::multicrop_attention_reference_bwd", mutates_args=())
+def _reference_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                      scale: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     offsets = _offsets(cu_seqlens)
     _check_inputs(q, k, v, offsets)
-    lengths = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
-    out = torch.empty_like(q)
-    groups = {}
-    for i, n in enumerate(lengths):
-        groups.setdefault(n, []).append(offsets[i])
-    for n, starts in groups.items():
-        if n == 0:
-            continue
-        idx = (torch.tensor(starts, device=q.device)[:, None] + torch.arange(n, device=q.device)).reshape(-1)
-        # [crops, heads, n, head_dim]
-        sel = [t.index_select(0, idx).view(len(starts), n, *t.shape[1:]).transpose(1, 2) for t in (q, k, v)]
-        o = F.scaled_dot_product_attention(*sel, scale=scale)
-        out.index_copy_(0, idx, o.transpose(1, 2).reshape(len(starts) * n, *q.shape[1:]))
-    return out
+    s = scale if scale is not None else q.shape[-1] ** -0.5
+    work = torch.promote_types(q.dtype, torch.float32)
+    dq, dk, dv = (q.new_zeros(q.shape) for _ in range(3))  # zero-length crops own no token; the rest is overwritten
+    for n, idx in _length_groups(offsets, q.device):
+        qc, kc, vc, doc = (_gather_crops(t, idx, n).to(work) for t in (q, k, v, do))
+        p = torch.softmax(qc @ kc.transpose(-1, -2) * s, dim=-1)
+        dp = doc @ vc.transpose(-1, -2)
+        ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+        for grad, crops in ((dq, ds @ kc * s), (dk, ds.transpose(-1, -2) @ qc * s), (dv, p.transpose(-1, -2) @ doc)):
+            _scatter_crops(grad, idx, crops.to(q.dtype))
+    return dq, dk, dv
+
+
+@_reference_bwd_op.register_fake
+def _reference_bwd_fake(do, q, k, v, cu_seqlens, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+
+
+def _reference_op_setup(ctx, inputs, output):
+    q, k, v, cu_seqlens, scale = inputs
+    ctx.save_for_backward(q, k, v, cu_seqlens)
+    ctx.scale = scale
+
+
+def _reference_op_backward(ctx, do):
+    q, k, v, cu_seqlens = ctx.saved_tensors
+    return (*_reference_bwd_op(do, q, k, v, cu_seqlens, ctx.scale), None, None)
+
+
+_reference_op.register_autograd(_reference_op_backward, setup_context=_reference_op_setup)
 
 
 # ----------------------------------------------------------------------------------------------------------------

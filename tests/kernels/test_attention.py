@@ -252,6 +252,51 @@ def test_torch_compile_sees_one_opaque_op(recwarn):
     assert not [w for w in recwarn if "lru_cache" in str(w.message)]
 
 
+# inductor with a tuple of ints is plain SDPA to inductor (and the model's compiled CPU block, tested in
+# tests/models/test_vit_compile.py): ~20 s of cold C++ compilation that tests nothing of ours here
+@pytest.mark.parametrize("compiler,offsets", [("aot_eager", "int32 tensor"), ("aot_eager", "tuple of ints"),
+                                              ("inductor", "int32 tensor")])
+def test_reference_path_compiles_fullgraph_with_either_offsets_form(compiler, offsets):
+    """The CPU (torch) path under torch.compile(fullgraph=True): a tuple of ints is a graph constant, a tensor goes
+    through the reference custom op (reading it on the host would break the graph). Same values and gradients."""
+    lengths = [20, 0, 5, 20, 1]
+    cu = cu_of(lengths) if offsets == "int32 tensor" else tuple(cu_of(lengths).tolist())
+    q, k, v = (torch.randn(46, 2, 16) for _ in range(3))
+    grad_out = torch.randn(46, 2, 16)
+    torch._dynamo.reset()
+    try:
+        _dispatch.set_backend("torch")
+        compiled = torch.compile(lambda *t: multicrop_attention(*t, cu, scale=0.3), backend=compiler, fullgraph=True,
+                                 dynamic=False)
+        got = grads(compiled, (q, k, v), grad_out)
+    finally:
+        _dispatch.set_backend(None)
+    want = grads(lambda *t: multicrop_attention_reference(*t, cu_of(lengths), scale=0.3), (q, k, v), grad_out)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16], ids=["fp64", "fp16"])
+def test_reference_custom_op_backward_matches_dense(dtype):
+    """The reference op's written-out backward: float64 equals the dense float64 attention; fp16 (computed in fp32)
+    is within the tolerance rule of autograd through fp16 SDPA."""
+    lengths = [37, 1, 0, 9, 37]
+    cu = cu_of(lengths)
+    q, k, v = (torch.randn(sum(lengths), 2, 16).to(dtype) for _ in range(3))
+    grad_out = torch.randn(sum(lengths), 2, 16)
+    op = grads(lambda *t: torch.ops.celldino.multicrop_attention_reference(*t, cu, 0.25), (q, k, v), grad_out)
+    exact = grads(lambda *t: dense_attention_fp64(*t, lengths, scale=0.25), (q, k, v), grad_out)
+    if dtype == torch.float64:
+        for a, b in zip(op, exact):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        torch.library.opcheck(attention._reference_op, (*(t.requires_grad_() for t in (q, k, v)), cu, None))
+    else:
+        same = grads(lambda *t: multicrop_attention_reference(*t, cu, scale=0.25), (q, k, v), grad_out)
+        for name, a, b, c in zip(("out", "dq", "dk", "dv"), op, same, exact):
+            assert a.dtype == dtype
+            assert_within_rule(a, b, c, dtype, name)
+
+
 def test_custom_op_registration_passes_opcheck():
     lengths = [9, 4]
     q, k, v = (torch.randn(13, 1, 16, requires_grad=True) for _ in range(3))

@@ -37,8 +37,9 @@ class Attention(nn.Module):
     def _forward_packed(self, x, layout):
         tokens, dim = x.shape
         q, k, v = self.qkv(x).view(tokens, 3, self.num_heads, self.head_dim).unbind(1)
-        # under torch.compile the offsets go in as Python ints: a constant of the graph, so the kernel dispatch
-        # needs no tensor -> host read (which would break the graph); eagerly the cached CPU tensor is cheapest
+        # under torch.compile the offsets go in as Python ints, a constant of the graph: the torch (CPU) path then
+        # traces into plain SDPA calls instead of one opaque op that reads a tensor; eagerly the cached CPU tensor
+        # is cheapest (the Triton path reads its lengths once per tensor object)
         cu_seqlens = layout.cu_seqlens_list if torch.compiler.is_compiling() else layout.cu_seqlens
         out = multicrop_attention(q, k, v, cu_seqlens, layout.max_seqlen, self.scale)
         return self.proj_drop(self.proj(out.reshape(tokens, dim)))
