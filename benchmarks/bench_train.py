@@ -1,0 +1,263 @@
+"""End-to-end training step: the celldino trainer vs a reference-style trainer, same model, data, device and run.
+
+Providers (same architecture and initial weights, same pre-collated batch already on the device, so the data
+pipeline is not measured here: see bench_data):
+- `celldino`: `Trainer.train_step` as `celldino train` runs it: FSDP2 (1 rank) with bf16 params / fp32 reduction
+  and per-block torch.compile on a GPU (fp32, eager on CPU); all crops in one packed token stream with the fused
+  multi-crop attention, heads on one concatenated buffer, fused losses / KoLeo / Sinkhorn kernels, fused AdamW,
+  foreach EMA, no host sync in the step.
+- `reference-style` (the baseline): built here the way the reference runs without xFormers: eager, no compile,
+  fp16 autocast + GradScaler on a GPU, fp32 master weights; global and local crops through the backbone in
+  separate calls (one SDPA per crop-shape group), the DINO head called separately on the local CLS, global CLS
+  and masked patches, plain-torch losses (loops over crop pairs, reference KoLeo), foreach AdamW (the reference's
+  setting), per-submodule clipping, foreach EMA.
+Sizes: on a GPU the Cell-DINO ViT-L/16 recipe (cell_dino/vitl16_hpaone: 4 channels, 2 x 224 + 8 x 96 crops,
+65,536 prototypes, drop path 0.1) at batch 16 and 32 per GPU (--train-batch); on CPU a tiny ViT (< 1 min).
+Rows: median / p20 / p80 ms per step, images/s, achieved TFLOP/s (model FLOPs: student 3x forward + teacher
+forward, no stochastic-depth savings), MFU vs the bf16 peak table in the note, peak memory, speed-up vs the
+reference-style step.
+
+    python -m benchmarks.run_all train [--train-batch 16 32 64] [--train-steps 20]
+"""
+import contextlib
+import math
+import shutil
+import tempfile
+
+import torch
+import torch.nn.functional as F
+
+from . import common
+
+TINY = ["student.arch=vit_small", "student.embed_dim=64", "student.depth=2", "student.num_heads=2",
+        "student.patch_size=8", "student.in_chans=4", "teacher.in_chans=4", "crops.global_crops_size=32",
+        "crops.local_crops_size=16", "crops.local_crops_number=4", "dino.head_n_prototypes=256",
+        "ibot.head_n_prototypes=256", "dino.head_hidden_dim=128", "ibot.head_hidden_dim=128",
+        "dino.head_bottleneck_dim=64", "ibot.head_bottleneck_dim=64", "student.block_chunks=0"]
+
+
+def add_arguments(parser):
+    parser.add_argument("--train-batch", type=int, nargs="*", default=None,
+                        help="per-GPU batch sizes (GPU default: 16 32)")
+    parser.add_argument("--train-steps", type=int, default=None, help="timed steps per provider (GPU 20, CPU 3)")
+    parser.add_argument("--train-config", default="cell_dino/vitl16_hpaone", help="recipe benchmarked on a GPU")
+
+
+def _cfg(args, batch, on_gpu):
+    from celldino.config import load_config
+    overrides = [f"train.batch_size_per_gpu={batch}", "train.num_workers=0"]
+    if on_gpu and not getattr(args, "quick", False):
+        return load_config(getattr(args, "train_config", None) or "cell_dino/vitl16_hpaone", overrides)
+    return load_config(None, TINY + overrides + ["train.device=cpu"] * (not on_gpu))
+
+
+def make_batch(cfg, device, dtype, seed=0):
+    """One collated batch (random crops, reference masking) on the device."""
+    import random
+
+    import numpy as np
+
+    from celldino.data.collate import collate_data_and_cast
+    from celldino.data.masking import MaskingGenerator
+    g = torch.Generator().manual_seed(seed)
+    B, C = cfg.train.batch_size_per_gpu, cfg.student.in_chans
+    G, L, n_local = cfg.crops.global_crops_size, cfg.crops.local_crops_size, cfg.crops.local_crops_number
+    samples = [({"global_crops": [torch.randn(C, G, G, generator=g) for _ in range(2)],
+                 "local_crops": [torch.randn(C, L, L, generator=g) for _ in range(n_local)]}, 0) for _ in range(B)]
+    side = G // cfg.student.patch_size
+    batch = collate_data_and_cast(samples, cfg.ibot.mask_ratio_min_max, cfg.ibot.mask_sample_probability, dtype,
+                                  n_tokens=side * side,
+                                  mask_generator=MaskingGenerator((side, side), max_num_patches=0.5 * side * side),
+                                  random_module=random.Random(seed), mask_rng=np.random.default_rng(seed))
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    batch["iteration"] = 0
+    return batch
+
+
+# ---- the reference-style trainer -----------------------------------------------------------------------------------
+
+class ReferenceStyleStep:
+    """The reference's step without xFormers (see the module docstring), on the same SSLMetaArch weights."""
+
+    def __init__(self, cfg, device):
+        from celldino.train.optim import apply_optim_scheduler
+        from celldino.train.schedules import build_schedulers
+        from celldino.train.ssl_meta_arch import SSLMetaArch
+        self.cfg, self.device = cfg, device
+        torch.manual_seed(int(cfg.train.seed))
+        self.model = SSLMetaArch(cfg).to(device)
+        self.model.train()
+        groups = self.model.get_params_groups()
+        for group in groups:
+            group["foreach"] = True
+        self.optimizer = torch.optim.AdamW(groups, lr=0.0, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2))
+        self.scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
+        self.schedules = build_schedulers(cfg)
+        self.apply_optim_scheduler = apply_optim_scheduler
+        self.center = torch.zeros(1, cfg.dino.head_n_prototypes, device=device)
+        self.patch_center = torch.zeros(1, cfg.dino.head_n_prototypes, device=device)
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    def _targets(self, logits, center, temp):
+        if self.cfg.train.centering == "centering":
+            probs = F.softmax((logits.float() - center) / temp, dim=-1)
+            center.mul_(0.9).add_(logits.float().mean(0, keepdim=True), alpha=0.1)
+            return probs
+        from celldino.kernels.sinkhorn import sinkhorn_knopp_reference
+        return sinkhorn_knopp_reference(logits, temp)
+
+    def train_step(self, batch, iteration):
+        from celldino.kernels.koleo import koleo_loss_reference
+        cfg, model = self.cfg, self.model
+        lr_s, wd_s, mom_s, temp_s, last_s = self.schedules
+        self.apply_optim_scheduler(self.optimizer, lr_s[iteration], wd_s[iteration], last_s[iteration])
+        self.optimizer.zero_grad(set_to_none=True)
+        g, loc = batch["collated_global_crops"], batch["collated_local_crops"]
+        masks = batch["collated_masks"]
+        idx, weights = batch["mask_indices_list"], batch["masks_weight"]
+        B = g.shape[0] // 2
+        n_local = cfg.crops.local_crops_number
+        temp = temp_s[iteration]
+        with self._autocast():
+            with torch.no_grad():
+                t_out = model.teacher.backbone.forward_features(g)
+                t_cls = t_out["x_norm_clstoken"]
+                t_cls = torch.cat((t_cls[B:], t_cls[:B]))
+                t_probs = self._targets(model.teacher.dino_head(t_cls), self.center, temp)
+                t_patch = model.teacher.dino_head(t_out["x_norm_patchtokens"].flatten(0, 1)[idx])
+                t_patch_probs = self._targets(t_patch, self.patch_center, temp)
+            s_g = model.student.backbone.forward_features(g, masks=masks)
+            s_l = model.student.backbone.forward_features(loc)
+            s_g_logits = model.student.dino_head(s_g["x_norm_clstoken"])
+            s_l_logits = model.student.dino_head(s_l["x_norm_clstoken"])
+            s_patch = model.student.dino_head(s_g["x_norm_patchtokens"].flatten(0, 1)[idx])
+        n_terms = 2 + max(2 * n_local, 1)
+        loss = 0
+        for s_chunk in s_l_logits.chunk(n_local):
+            log_p = F.log_softmax(s_chunk.float() / 0.1, dim=-1)
+            for t_chunk in t_probs.chunk(2):
+                loss = loss - (t_chunk * log_p).sum(-1).mean() / n_terms
+        loss = loss - (t_probs * F.log_softmax(s_g_logits.float() / 0.1, -1)).sum(-1).mean() * 2 / n_terms
+        loss = loss + 0.1 * sum(koleo_loss_reference(x) for x in s_g["x_norm_clstoken"].chunk(2))
+        per_patch = (t_patch_probs * F.log_softmax(s_patch.float() / 0.1, -1)).sum(-1)
+        loss = loss - (per_patch * weights).sum() / masks.shape[0]
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        for module in model.student.values():
+            torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.optim.clip_grad)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        with torch.no_grad():
+            m = mom_s[iteration]
+            t_params = list(model.teacher.parameters())
+            torch._foreach_mul_(t_params, m)
+            torch._foreach_add_(t_params, [p.detach() for p in model.student.parameters()], alpha=1 - m)
+        return loss.detach()
+
+
+# ---- timing ----------------------------------------------------------------------------------------------------------
+
+def _time_steps(step, batch, warmup, steps, device):
+    for i in range(warmup):
+        step(batch, i)
+    times = []
+    for i in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = torch.cuda.Event(enable_timing=True) if device.type == "cuda" else None
+        end = torch.cuda.Event(enable_timing=True) if device.type == "cuda" else None
+        import time
+        t0 = time.perf_counter()
+        if start is not None:
+            start.record()
+        step(batch, warmup + i)
+        if end is not None:
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    med = times[len(times) // 2]
+    return med, times[max(int(0.2 * len(times)) - 1, 0)], times[min(int(0.8 * len(times)), len(times) - 1)]
+
+
+def _peak_mem(device):
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+def _reset_mem(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def run(args):
+    from celldino.train.metrics import ssl_step_flops
+    from celldino.train.trainer import Trainer
+    on_gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if on_gpu else "cpu")
+    quick = getattr(args, "quick", False) or not on_gpu
+    batches = getattr(args, "train_batch", None) or ([16, 32] if not quick else [4])
+    steps = getattr(args, "train_steps", None) or (20 if not quick else 3)
+    warmup = 5 if on_gpu else 1
+    peak = common.peak_tflops(device)
+    if not on_gpu:
+        # tiny LayerScale (1e-5) gradients underflow to fp32 denormals, which x86 CPUs process ~100x slower
+        # (GPUs do not): flush them for both providers so the CPU rows time the code, not denormal stalls
+        torch.set_flush_denormal(True)
+    rows = []
+    for batch_size in batches:
+        cfg = _cfg(args, batch_size, on_gpu)
+        shape = (f"{cfg.student.arch}/{cfg.student.patch_size} C={cfg.student.in_chans} B={batch_size} "
+                 f"2x{cfg.crops.global_crops_size}+{cfg.crops.local_crops_number}x{cfg.crops.local_crops_size} "
+                 f"K={cfg.dino.head_n_prototypes}")
+        results = {}
+        # celldino first (it owns the 1-rank process group on a GPU), then the baseline
+        out = tempfile.mkdtemp(prefix="bench_train_")
+        _reset_mem(device)
+        trainer = Trainer(cfg, out, resume=False)
+        try:
+            batch = make_batch(trainer.cfg, device, trainer.plan.input_dtype)
+            n_masked = int(batch["mask_indices_list"].shape[0])
+            flops, _ = ssl_step_flops(trainer.model, trainer.cfg, batch_size, n_masked)
+            timing = _time_steps(trainer.train_step, batch, warmup + (2 if trainer.plan.compile else 0), steps,
+                                 device)
+            results["celldino"] = (timing, _peak_mem(device), str(trainer.plan.student["backbone"].param_dtype),
+                                   "compile" if trainer.plan.compile else "eager")
+        finally:
+            trainer.close()
+            del trainer
+            shutil.rmtree(out, ignore_errors=True)
+        _reset_mem(device)
+        ref = ReferenceStyleStep(cfg, device)
+        ref_batch = make_batch(cfg, device, torch.float16 if on_gpu else torch.float32)
+        timing = _time_steps(ref.train_step, ref_batch, warmup, steps, device)
+        results["reference-style"] = (timing, _peak_mem(device), "fp16-autocast" if on_gpu else "float32", "eager")
+        del ref
+        _reset_mem(device)
+        base_ms = results["reference-style"][0][0]
+        for provider in ("reference-style", "celldino"):
+            timing, mem, dtype, mode = results[provider]
+            tflops = flops / timing[0] / 1e9
+            mfu = f"MFU {tflops / peak:.1%}" if peak else "MFU n/a (no bf16 peak for this device)"
+            rows.append(common.row(
+                "train", "ssl_step", provider, shape, dtype, f"{mode} fwd+bwd+step", timing, flops=flops,
+                items=batch_size, peak_mem_mb=mem, baseline="reference-style" if provider != "reference-style" else "",
+                baseline_ms=base_ms if provider != "reference-style" else None, device=device,
+                note=f"{1e3 / timing[0]:.2f} steps/s; {mfu}; model FLOPs {flops / 1e12:.3f} T/step"
+                     + ("" if on_gpu else "; CPU smoke size")))
+        if not math.isfinite(base_ms):
+            raise RuntimeError("reference-style step time is not finite")
+    return rows
