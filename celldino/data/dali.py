@@ -263,20 +263,22 @@ class DaliDecodeError(RuntimeError):
 
 
 def _paths_of(source) -> List[str]:
+    """The files of a celldino dataset (its `image_paths`, in item order) or of a list of paths."""
     if isinstance(source, (str, os.PathLike)):
         raise TypeError("DaliTiffLoader: pass a list of paths or a celldino dataset, not a single path")
-    paths = getattr(source, "image_paths", None)
-    if paths is None and hasattr(source, "image_path") and hasattr(source, "num_images"):
+    if hasattr(source, "image_paths"):
+        name = getattr(source, "name", type(source).__name__)
         for attr, default in (("channels", None), ("separate_channels", False)):
-            if getattr(source, attr, default) not in (default,):
+            if getattr(source, attr, default) != default:
                 raise ValueError(
-                    f"DaliTiffLoader: the dataset sets {attr}={getattr(source, attr)!r}; the DALI loader decodes "
-                    "whole images (select channels on the decoded tensor, `channels=` here takes indices)"
+                    f"DaliTiffLoader: the dataset {name} sets {attr}={getattr(source, attr)!r}; the DALI loader "
+                    "decodes whole images (select channels on the decoded tensor, `channels=` here takes indices)"
                 )
         if getattr(source, "layout", "auto") != "auto":
-            raise ValueError(f"DaliTiffLoader: the dataset's layout={source.layout!r} is not supported by DALI")
-        paths = [source.image_path(i) for i in range(source.num_images)]
-    if paths is None:
+            raise ValueError(f"DaliTiffLoader: the dataset {name} sets layout={source.layout!r}; DALI decodes "
+                             "layout=auto only")
+        paths = source.image_paths
+    else:
         paths = list(source)
     paths = [os.fspath(p) for p in paths]
     if not paths:

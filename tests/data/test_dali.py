@@ -343,8 +343,13 @@ def test_dataset_source(tmp_path):
         for img, i in zip(b.images, b.indices.tolist()):
             ref, _ = ds[i]
             assert torch.equal(img, ref)
+    assert loader.paths == ds.image_paths
     with pytest.raises(ValueError, match="channels"):
         DaliTiffLoader(build_dataset(f"Folder:root={tmp_path}:channels=0,1"), 2, device="cpu")
+    with pytest.raises(ValueError, match="Folder sets separate_channels=True"):
+        DaliTiffLoader(build_dataset(f"Folder:root={tmp_path}:wildcard=SEPARATE_CHANNELS"), 2, device="cpu")
+    with pytest.raises(ValueError, match="Folder sets layout='hwc'"):
+        DaliTiffLoader(build_dataset(f"Folder:root={tmp_path}:layout=hwc"), 2, device="cpu")
     assert len([b for b in DaliTiffLoader(build_dataset(f"Folder:root={tmp_path}:in_chans=4"), 2, device="cpu")]) == 2
     with pytest.raises(ImageReadError, match="expected 5 channels"):
         list(DaliTiffLoader(build_dataset(f"Folder:root={tmp_path}:in_chans=5"), 2, device="cpu"))

@@ -398,6 +398,41 @@ def test_wrong_channel_count_and_unknown_channel(tmp_path):
         bad[0]
 
 
+def test_image_paths_name_the_file_of_every_item(tmp_path):
+    """`image_paths` (what the DALI loader decodes) is the file of every item in item order, for each dataset kind:
+    the expected lists are written from the trees' layouts, not from the datasets."""
+    root = str(tmp_path)
+    arrays = _folder_tree(os.path.join(root, "folder"))
+    folder = build_dataset(f"Folder:root={root}/folder")
+    assert folder.image_paths == sorted(arrays)  # alpha/alpha0, alpha/sub/alpha1, beta/...
+    for i, path in enumerate(folder.image_paths):
+        np.testing.assert_array_equal(folder[i][0].numpy(), arrays[path])
+    bag = build_dataset(f"Folder:root={root}/folder:wildcard=SEPARATE_CHANNELS")
+    assert bag.image_paths == sorted(arrays) * 3 and len(bag.image_paths) == len(bag)
+    assert all(bag.image_paths[i] == bag.image_path(i) for i in range(len(bag)))
+
+    _csv_tree(os.path.join(root, "csv"))
+    val = build_dataset(f"CSV:path={root}/csv/meta.csv:split=val")
+    assert val.image_paths == [os.path.join(root, "csv", "imgs", f"c{k}.tif") for k in (4, 5)]
+
+    _hpaone_tree(os.path.join(root, "hpaone"))
+    hpaone = build_dataset(f"HPAone:split=VAL:root={root}/hpaone")
+    assert hpaone.image_paths == [os.path.join(root, "hpaone", "fixed_size_masked_single_cells_HPA", f"f{k}.png")
+                                  for k in (0, 1)]
+
+    _hpafov_tree(os.path.join(root, "hpafov"))
+    fov = build_dataset(f"HPAFoV:split=TRAIN:root={root}/hpafov")  # row 2 dropped, img3 found as .tiff
+    data = os.path.join(root, "hpafov", "512_whole_images")
+    assert fov.image_paths == [os.path.join(data, name) for name in ("img0.png", "img1.png", "img3.tiff", "img4.png")]
+
+    _chammi_tree(os.path.join(root, "chammi"))
+    hpa = build_dataset(f"CHAMMI_HPA:split=TRAIN:root={root}/chammi")
+    assert hpa.image_paths == [os.path.join(root, "chammi", "HPA", "plate", f"img{k}.png") for k in (0, 2)]
+    paths = hpa.image_paths
+    paths.clear()  # a copy: the dataset is unchanged
+    assert len(hpa.image_paths) == 2
+
+
 def test_dataset_string_errors():
     assert parse_dataset_str("CSV:path=/a/b=c.csv:split=x") == ("CSV", {"path": "/a/b=c.csv", "split": "x"})
     with pytest.raises(DatasetError, match="unknown dataset 'ImageNet42'"):

@@ -170,7 +170,14 @@ class ImageDataset(Dataset):
         return index, None
 
     def image_path(self, index: int) -> str:
+        """The file item `index` reads."""
         return self._paths[self.locate(index)[0]]
+
+    @property
+    def image_paths(self) -> List[str]:
+        """The file of every item, in item order (`image_paths[i] == image_path(i)`, a new list each access).
+        Each item is one file; with separate_channels every file appears once per channel."""
+        return list(self._paths) * (self._n_channels if self.separate_channels else 1)
 
     def read_array(self, index: int) -> np.ndarray:
         """Decoded C x H x W numpy array of item `index` (after channel selection / bag-of-channels)."""
