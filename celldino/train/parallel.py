@@ -191,8 +191,9 @@ def parallelize(model, plan, device, mesh=None):
         compile_blocks(model.student.backbone)
         compile_blocks(model.teacher.backbone)
         logger.info("torch.compile(fullgraph=True) per transformer block (student and teacher)")
+    model.to(device)  # FSDP2 shards what is already on the mesh's device
     if not plan.fsdp:
-        return model.to(device)
+        return model
     from torch.distributed.fsdp import register_fsdp_forward_method
     if mesh is None:
         from torch.distributed.device_mesh import init_device_mesh
@@ -206,8 +207,7 @@ def parallelize(model, plan, device, mesh=None):
             _shard(module, plans[name], mesh, blocks)
         register_fsdp_forward_method(modules.backbone, "forward_features_list")
         register_fsdp_forward_method(modules.backbone, "forward_features")
-    # losses' buffers (centers) are replicated plain tensors
-    model.to(device)
+    # the losses' buffers (centers) stay replicated plain tensors
     logger.info("FSDP2: student and teacher sharded per block over %d ranks (student backbone %s params, "
                 "%s reduce, reshard after forward %s)", mesh.size(), plan.student["backbone"].param_dtype,
                 plan.student["backbone"].reduce_dtype, plan.student["backbone"].reshard_after_forward)

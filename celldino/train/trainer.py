@@ -119,6 +119,14 @@ class Trainer:
         self.rank, self.world_size, self._owns_group = distributed.init(self.device)
         self.is_main = self.rank == 0
         self._log_handlers = setup_logging(self.output_dir, self.rank)
+        self.writer = None
+        try:
+            self._build(cfg, resume)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, cfg, resume):
         self.cfg = cfg = prepare_config(cfg, self.output_dir, self.world_size)
         if self.is_main:
             save_config(cfg, self.output_dir / "config.yaml")
@@ -373,12 +381,16 @@ class Trainer:
         return summary
 
     def close(self):
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
         for handler in self._log_handlers:
             logger.removeHandler(handler)
             handler.close()
+        self._log_handlers = []
         if self._owns_group:
             distributed.destroy()
+            self._owns_group = False
 
 
 def run_training(cfg, output_dir, resume=True, data=None):
