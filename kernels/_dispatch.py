@@ -60,3 +60,12 @@ def use_triton(*tensors):
                                "set before celldino.kernels is imported to run Triton on the CPU")
         return True
     return on_cuda and triton_available()
+
+
+def autotune_configs(gpu_configs, interp_config):
+    """triton.Config list for @triton.autotune: a small sweep on the GPU ((kwargs, num_warps, num_stages) each), one
+    config under the interpreter (autotuning there only costs time). Call only where triton imports."""
+    import triton
+    if interpreting():
+        return [triton.Config(interp_config, num_warps=4)]
+    return [triton.Config(kw, num_warps=w, num_stages=s) for kw, w, s in gpu_configs]

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ._dispatch import interpreting, use_triton
+from ._dispatch import autotune_configs, use_triton
 
 try:
     import triton
@@ -122,19 +122,13 @@ def koleo_loss_distributed_reference(x, eps=1e-8, group=None):
 # Triton kernels
 # --------------------------------------------------------------------------------------------------------------
 
-def _configs(gpu_configs, interp_config):
-    if interpreting():
-        return [triton.Config(interp_config, num_warps=4)]
-    return [triton.Config(kw, num_warps=w, num_stages=s) for kw, w, s in gpu_configs]
-
-
 if triton is not None:
 
     @triton.autotune(
-        configs=_configs([({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_D": d}, w, s)
-                          for m, n, d, w, s in [(16, 64, 64, 4, 3), (32, 64, 64, 4, 3), (64, 64, 32, 4, 3),
-                                                (64, 128, 32, 8, 3), (128, 64, 32, 8, 3)]],
-                         {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 16}),
+        configs=autotune_configs([({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_D": d}, w, s)
+                                  for m, n, d, w, s in [(16, 64, 64, 4, 3), (32, 64, 64, 4, 3), (64, 64, 32, 4, 3),
+                                                        (64, 128, 32, 8, 3), (128, 64, 32, 8, 3)]],
+                                 {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 16}),
         key=["BQ", "BK", "D", "IS_FP32"],
     )
     @triton.jit

@@ -26,7 +26,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from ._dispatch import interpreting, use_triton
+from ._dispatch import autotune_configs, use_triton
 
 try:
     import triton
@@ -96,22 +96,15 @@ def sinkhorn_knopp_reference(logits, temperature, n_iterations=3, n_rows=None, g
 # Triton kernels
 # --------------------------------------------------------------------------------------------------------------
 
-def _configs(gpu_configs, interp_config):
-    """One config under the interpreter (autotuning there only costs time), a small sweep on the GPU."""
-    if interpreting():
-        return [triton.Config(interp_config, num_warps=4)]
-    return [triton.Config(kw, num_warps=w, num_stages=s) for kw, w, s in gpu_configs]
-
-
 if triton is not None:
 
     # Pass A: per-prototype sums over the rows. Each program owns BLOCK_K prototypes and streams every row, so the
     # result is final without a cross-program reduction (and the online max of the first pass is exact).
     @triton.autotune(
-        configs=_configs([({"BLOCK_R": r, "BLOCK_K": k}, w, s)
-                          for r, k, w, s in [(16, 256, 4, 3), (32, 256, 8, 3), (8, 512, 4, 3), (32, 128, 4, 4),
-                                             (64, 128, 8, 3)]],
-                         {"BLOCK_R": 8, "BLOCK_K": 32}),
+        configs=autotune_configs([({"BLOCK_R": r, "BLOCK_K": k}, w, s)
+                                  for r, k, w, s in [(16, 256, 4, 3), (32, 256, 8, 3), (8, 512, 4, 3), (32, 128, 4, 4),
+                                                     (64, 128, 8, 3)]],
+                                 {"BLOCK_R": 8, "BLOCK_K": 32}),
         key=["r_bucket", "K", "FIRST", "FINAL_U"],
     )
     @triton.jit
@@ -154,10 +147,10 @@ if triton is not None:
 
     # Pass B: per-row sums over the prototypes with the current u; stores 1 / rowsum_b.
     @triton.autotune(
-        configs=_configs([({"BLOCK_R": r, "BLOCK_K": k}, w, s)
-                          for r, k, w, s in [(1, 2048, 4, 3), (2, 1024, 4, 3), (4, 1024, 8, 3), (4, 512, 4, 4),
-                                             (8, 512, 8, 3)]],
-                         {"BLOCK_R": 4, "BLOCK_K": 32}),
+        configs=autotune_configs([({"BLOCK_R": r, "BLOCK_K": k}, w, s)
+                                  for r, k, w, s in [(1, 2048, 4, 3), (2, 1024, 4, 3), (4, 1024, 8, 3), (4, 512, 4, 4),
+                                                     (8, 512, 8, 3)]],
+                                 {"BLOCK_R": 4, "BLOCK_K": 32}),
         key=["r_bucket", "K"],
     )
     @triton.jit
@@ -181,9 +174,10 @@ if triton is not None:
 
     # Final write: targets[b, k] = E[b, k] u_k rinv_b, fp32, written once.
     @triton.autotune(
-        configs=_configs([({"BLOCK_R": r, "BLOCK_K": k}, w, s)
-                          for r, k, w, s in [(4, 1024, 4, 2), (8, 512, 4, 2), (16, 256, 4, 2), (8, 1024, 8, 2)]],
-                         {"BLOCK_R": 8, "BLOCK_K": 32}),
+        configs=autotune_configs([({"BLOCK_R": r, "BLOCK_K": k}, w, s)
+                                  for r, k, w, s in [(4, 1024, 4, 2), (8, 512, 4, 2), (16, 256, 4, 2),
+                                                     (8, 1024, 8, 2)]],
+                                 {"BLOCK_R": 8, "BLOCK_K": 32}),
         key=["r_bucket", "K"],
     )
     @triton.jit

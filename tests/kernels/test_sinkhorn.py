@@ -4,7 +4,6 @@ Tolerance rule (DESIGN.md): |kernel - fp64| <= 2 x |fp32 torch reference - fp64|
 torch reference is the DINOv2 algorithm run literally in fp32 (no max subtraction) on the same inputs.
 On CPU the kernels run under TRITON_INTERPRET=1 (set by tests/conftest.py).
 """
-import os
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ import torch
 from celldino import kernels
 from celldino.kernels import sinkhorn as sk
 from gloo_ranks import run_on_gloo_ranks
+from sm90_lowering import run_lowering_script
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -221,11 +221,5 @@ print("compiled", n)
 @pytest.mark.skipif(sk.triton is None, reason="needs triton")
 def test_every_gpu_config_compiles_for_sm90(tmp_path):
     """Lower every autotune config to an sm_90 cubin in a process without TRITON_INTERPRET (no GPU needed)."""
-    import subprocess
-    import sys
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "compiled 58" in proc.stdout
+    stdout = run_lowering_script(COMPILE_SCRIPT, tmp_path)
+    assert "compiled 58" in stdout, stdout
