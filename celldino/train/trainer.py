@@ -306,6 +306,7 @@ class Trainer:
         if data is None:
             data = build_train_loader(cfg, self.start_iter, self.rank, self.world_size, dtype=self.plan.input_dtype)
         meters = {"iter_time": SmoothedValue(), "data_time": SmoothedValue()}
+        flops_cache = {}
         pending = []
         progress = Progress(self.start_iter, self.max_iter, enabled=self.is_main)
         iteration = self.start_iter
@@ -325,7 +326,10 @@ class Trainer:
                 terms = self.train_step(batch, iteration)
                 batch_size = batch["collated_global_crops"].shape[0] // 2
                 n_masked = int(batch["mask_indices_list"].shape[0])
-                flops, tokens = ssl_step_flops(self.model, cfg, batch_size, n_masked)
+                key = (batch_size, n_masked)
+                if key not in flops_cache:  # walks the modules: once per distinct shape
+                    flops_cache[key] = ssl_step_flops(self.model, cfg, batch_size, n_masked)
+                flops, tokens = flops_cache[key]
                 info = {"lr": self.lr_schedule[iteration], "wd": self.wd_schedule[iteration],
                         "mom": self.momentum_schedule[iteration],
                         "last_layer_lr": self.last_layer_lr_schedule[iteration],
