@@ -279,6 +279,19 @@ if triton_available():
     import triton.language as tl
 
     @triton.jit
+    def _program_entry(n_heads):
+        """(work-list entry, head) of this program. The grid is 1-D with heads fastest: CTAs launch in the work
+        list's longest-first order across all heads, and neighbouring CTAs read the same token rows (adjacent head
+        slices) while they are in L2."""
+        return tl.program_id(0) // n_heads, (tl.program_id(0) % n_heads).to(tl.int64)
+
+    @triton.jit
+    def _tile_ranges(TILES, tile_id):
+        """(row_lo, row_hi, key_lo, key_hi) of one tile-table entry (TileTable.tiles)."""
+        entry = TILES + tile_id * 5
+        return tl.load(entry + 0), tl.load(entry + 1), tl.load(entry + 2), tl.load(entry + 3)
+
+    @triton.jit
     def _fwd_key_blocks(acc, l_i, m_i, q, crop_q, K, V, CROP, head, start_lo, start_hi, key_hi, qk_scale,
                         stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
                         HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -320,14 +333,8 @@ if triton_available():
                          n_tiles, n_heads,
                          HEAD_DIM: tl.constexpr, TILE: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
-        # 1-D grid, heads fastest: CTAs launch in the table's longest-first order across all heads, and
-        # neighbouring CTAs read the same token rows (adjacent head slices) while they are in L2
-        tile_id = tl.program_id(0) // n_heads
-        head = (tl.program_id(0) % n_heads).to(tl.int64)
-        row_lo = tl.load(TILES + tile_id * 5 + 0)
-        row_hi = tl.load(TILES + tile_id * 5 + 1)
-        key_lo = tl.load(TILES + tile_id * 5 + 2)
-        key_hi = tl.load(TILES + tile_id * 5 + 3)
+        tile_id, head = _program_entry(n_heads)
+        row_lo, row_hi, key_lo, key_hi = _tile_ranges(TILES, tile_id)
         single_crop = tl.load(TILES + tile_id * 5 + 4)
 
         rows = row_lo + tl.arange(0, TILE)
@@ -373,10 +380,7 @@ if triton_available():
         Outer loop: key tiles of BLOCK_K rows (dk, dv accumulate in registers); inner loop: query blocks of
         BLOCK_N rows. dq of a query block gets one term per key tile: a one-tile group stores it at once, a
         longer group adds it up in DQ_ACC (fp32, written and read back only by this program)."""
-        # 1-D grid, heads fastest: CTAs launch in the table's longest-first order across all heads, and
-        # neighbouring CTAs read the same token rows (adjacent head slices) while they are in L2
-        group_id = tl.program_id(0) // n_heads
-        head = (tl.program_id(0) % n_heads).to(tl.int64)
+        group_id, head = _program_entry(n_heads)
         lo = tl.load(GROUPS + group_id * 2 + 0)
         hi = tl.load(GROUPS + group_id * 2 + 1)
         dims = tl.arange(0, BLOCK_D)
@@ -455,14 +459,8 @@ if triton_available():
                               BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
         """Split backward, long crops: one program per (tile, head); the tile's rows act as keys, the queries are
         its crop (= the tile's key range)."""
-        # 1-D grid, heads fastest: CTAs launch in the table's longest-first order across all heads, and
-        # neighbouring CTAs read the same token rows (adjacent head slices) while they are in L2
-        tile_id = tl.program_id(0) // n_heads
-        head = (tl.program_id(0) % n_heads).to(tl.int64)
-        row_lo = tl.load(TILES + tile_id * 5 + 0)
-        row_hi = tl.load(TILES + tile_id * 5 + 1)
-        key_lo = tl.load(TILES + tile_id * 5 + 2)
-        key_hi = tl.load(TILES + tile_id * 5 + 3)
+        tile_id, head = _program_entry(n_heads)
+        row_lo, row_hi, key_lo, key_hi = _tile_ranges(TILES, tile_id)
 
         keys = row_lo + tl.arange(0, TILE)
         dims = tl.arange(0, BLOCK_D)
@@ -511,14 +509,8 @@ if triton_available():
                             HEAD_DIM: tl.constexpr, TILE: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
         """Split backward, long crops: dq of a tile's query rows, accumulated over its key range."""
-        # 1-D grid, heads fastest: CTAs launch in the table's longest-first order across all heads, and
-        # neighbouring CTAs read the same token rows (adjacent head slices) while they are in L2
-        tile_id = tl.program_id(0) // n_heads
-        head = (tl.program_id(0) % n_heads).to(tl.int64)
-        row_lo = tl.load(TILES + tile_id * 5 + 0)
-        row_hi = tl.load(TILES + tile_id * 5 + 1)
-        key_lo = tl.load(TILES + tile_id * 5 + 2)
-        key_hi = tl.load(TILES + tile_id * 5 + 3)
+        tile_id, head = _program_entry(n_heads)
+        row_lo, row_hi, key_lo, key_hi = _tile_ranges(TILES, tile_id)
 
         rows = row_lo + tl.arange(0, TILE)
         dims = tl.arange(0, BLOCK_D)
