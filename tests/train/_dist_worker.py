@@ -47,7 +47,7 @@ def main():
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     import torch
     torch.set_num_threads(1)
-    from conftest import tiny_cfg
+    from train_helpers import tiny_cfg
 
     from celldino.train.trainer import Trainer
     cfg = tiny_cfg(*spec["overrides"])

@@ -12,7 +12,7 @@ import torch
 
 from celldino.train.trainer import Trainer
 
-from conftest import tiny_cfg
+from train_helpers import tiny_cfg
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 

@@ -9,7 +9,7 @@ from celldino.train.parallel import make_plan
 from celldino.train.ssl_meta_arch import SSLMetaArch
 from celldino.train.trainer import run_training
 
-from conftest import tiny_cfg
+from train_helpers import tiny_cfg
 
 
 def test_activation_checkpointing_modes_give_identical_losses(tmp_path):

@@ -13,7 +13,7 @@ from celldino.data.collate import collate_data_and_cast
 from celldino.data.masking import MaskingGenerator
 from celldino.train.ssl_meta_arch import SSLMetaArch
 
-from conftest import tiny_cfg
+from train_helpers import tiny_cfg
 
 
 def _batch(cfg, B=4, seed=0, dtype=torch.float64):

@@ -12,7 +12,7 @@ from celldino.train import launch
 from celldino.train.ssl_meta_arch import SSLMetaArch
 from celldino.train.trainer import TrainingDivergedError, run_training
 
-from conftest import tiny_cfg
+from train_helpers import tiny_cfg
 
 
 def _files(path):
@@ -158,7 +158,7 @@ def test_cli_errors_name_the_bad_key(tmp_path, capsys):
 
 
 def test_cli_trains_and_resumes(tmp_path, capsys):
-    from conftest import TINY
+    from train_helpers import TINY
     args = ["--config-file", "demo", "--output-dir", str(tmp_path)] + TINY + ["optim.epochs=1",
                                                                                 "train.OFFICIAL_EPOCH_LENGTH=2"]
     assert _launch(*args, "train.stop_after_iters=1") == 0
@@ -171,7 +171,7 @@ def test_submit_runs_the_trainer_through_submitit(tmp_path, monkeypatch, capsys)
     """The submitit path end to end with its in-process debug executor (what SLURM tasks run), plus the SLURM
     parameters it would submit."""
     pytest.importorskip("submitit")
-    from conftest import TINY
+    from train_helpers import TINY
 
     from celldino.train import submit
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
@@ -205,7 +205,7 @@ import sys, time
 sys.path.insert(0, {tests!r})
 import torch.distributed.checkpoint as dcp
 from celldino.train import checkpointing
-from conftest import tiny_cfg
+from train_helpers import tiny_cfg
 from celldino.train.trainer import run_training
 saves = []
 real_save = dcp.save

@@ -1,8 +1,9 @@
-"""Tiny configs shared by the trainer tests: a 2-block ViT on 32 px global / 16 px local crops of the bundled
+"""Helpers shared by the trainer tests (a plain module, not a conftest: several test folders have a conftest.py).
+
+Tiny configs: a 2-block ViT on 32 px global / 16 px local crops of the bundled
 real 16-bit sample cells, small heads: a training step takes well under a second on one CPU core."""
 from pathlib import Path
 
-import pytest
 
 SAMPLE_CSV = Path(__file__).resolve().parents[2] / "data" / "sample" / "stain_task" / "stain_task.csv"
 
@@ -24,8 +25,3 @@ TINY = [
 def tiny_cfg(*overrides):
     from celldino.config import load_config
     return load_config(None, TINY + list(overrides))
-
-
-@pytest.fixture
-def tiny():
-    return tiny_cfg
