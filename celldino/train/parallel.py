@@ -124,8 +124,8 @@ def _selective_policy():
     global _SAVE_OPS
     if _SAVE_OPS is None:
         aten = torch.ops.aten
-        ops = [aten.mm.default, aten.addmm.default, aten.bmm.default, aten._scaled_dot_product_efficient_attention.default,
-               aten._scaled_dot_product_flash_attention.default]
+        ops = [aten.mm.default, aten.addmm.default, aten.bmm.default,
+               aten._scaled_dot_product_efficient_attention.default, aten._scaled_dot_product_flash_attention.default]
         cudnn = getattr(aten, "_scaled_dot_product_cudnn_attention", None)
         if cudnn is not None:
             ops.append(cudnn.default)

@@ -49,7 +49,8 @@ def get_params_groups_with_decay(model, lr_decay_rate=1.0, patch_embed_lr_mult=1
     n_blocks = _count_blocks(model)
     groups = []
     for name, param in model.named_parameters():
-        name = name.replace("_fsdp_wrapped_module.", "").replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", "")
+        for wrapper in ("_fsdp_wrapped_module.", "_orig_mod.", "_checkpoint_wrapped_module."):
+            name = name.replace(wrapper, "")
         if not param.requires_grad:
             continue
         group = {

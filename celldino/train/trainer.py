@@ -19,7 +19,6 @@ import contextlib
 import copy
 import logging
 import math
-import os
 import signal
 import time
 import warnings
