@@ -49,7 +49,17 @@ def main():
     torch.set_num_threads(1)
     from train_helpers import tiny_cfg
 
-    from celldino.train.trainer import Trainer
+    from celldino.train.trainer import Trainer, TrainingDivergedError
+    if spec.get("nan_rank") == rank:  # poison this rank's loss at one iteration
+        from celldino.train.ssl_meta_arch import SSLMetaArch
+        original = SSLMetaArch.compute_losses
+
+        def compute_losses(self, batch, teacher_temp):
+            total, terms = original(self, batch, teacher_temp)
+            if batch["iteration"] == spec["nan_iteration"]:
+                terms = dict(terms, koleo_loss=terms["koleo_loss"] * float("inf"))
+            return total, terms
+        SSLMetaArch.compute_losses = compute_losses
     cfg = tiny_cfg(*spec["overrides"])
     trainer = Trainer(cfg, spec["output_dir"], resume=spec.get("resume", True))
     result = {"rank": rank, "world": world, "start_iteration": trainer.start_iter}
@@ -64,7 +74,10 @@ def main():
         data = None
         if spec.get("synthetic"):
             data = synthetic_batches(trainer.cfg, rank, world, trainer.max_iter)
-        summary = trainer.run(data)
+        try:
+            summary = trainer.run(data)
+        except TrainingDivergedError as exc:
+            summary = {"loss_history": [], "end_iteration": None, "stopped": f"diverged: {exc}"}
     finally:
         trainer.close()
     result.update(loss_history=summary["loss_history"], end_iteration=summary["end_iteration"],

@@ -115,3 +115,16 @@ def test_checkpoint_moves_between_world_sizes(tmp_path):
                                        "compare_teacher": str(out / "eval" / "training_3" / "teacher_checkpoint.pth")})
     assert results[0]["start_iteration"] == 4 and results[0]["teacher_equal"] is True
     assert all(r["stopped"] == "finished" and r["end_iteration"] == 6 for r in results)
+
+
+def test_an_inf_loss_on_one_rank_stops_every_rank(tmp_path):
+    out = tmp_path / "run"
+    overrides = ["optim.epochs=1", "train.OFFICIAL_EPOCH_LENGTH=6", "train.checkpoint_period=2",
+                 "evaluation.eval_period_iterations=0", "train.batch_size_per_gpu=2", "train.log_period=10"]
+    results = _run_ranks(tmp_path, 2, {"overrides": overrides, "output_dir": str(out), "nan_rank": 1,
+                                       "nan_iteration": 2})
+    for result in results:  # rank 0's own loss was finite: it stops because the reduced loss is not
+        assert result["stopped"].startswith("diverged: non-finite loss at iteration 2"), result["stopped"]
+        assert "iter_00000001" in result["stopped"]
+    # the checkpoint due after iteration 3 was never written; the one after iteration 1 is intact
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["iter_00000001"]
