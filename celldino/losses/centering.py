@@ -6,6 +6,7 @@ up to step t-1 (the first step uses a zero center). We keep that order exactly.
 """
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -38,6 +39,13 @@ class LaggedCenter(nn.Module):
         self.reduce_handle = None
         if _distributed(self.group):
             self.reduce_handle = dist.all_reduce(self.async_batch_center, group=self.group, async_op=True)
+
+    @torch.no_grad()
+    def centered_softmax(self, teacher_output, teacher_temp):
+        """softmax((teacher_output - center) / teacher_temp) with the center lagged by one step: the update
+        launched by the previous `update_center` is applied first."""
+        self.apply_center_update()
+        return F.softmax((teacher_output - self.center) / teacher_temp, dim=-1)
 
     @torch.no_grad()
     def apply_center_update(self):

@@ -14,8 +14,7 @@ class DINOLoss(LaggedCenter):
 
     @torch.no_grad()
     def softmax_center_teacher(self, teacher_output, teacher_temp):
-        self.apply_center_update()
-        return F.softmax((teacher_output - self.center) / teacher_temp, dim=-1)
+        return self.centered_softmax(teacher_output, teacher_temp)
 
     @torch.no_grad()
     def sinkhorn_knopp_teacher(self, teacher_output, teacher_temp, n_iterations=3):

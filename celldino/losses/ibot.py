@@ -20,8 +20,7 @@ class iBOTPatchLoss(LaggedCenter):  # noqa: N801 - reference name
 
     @torch.no_grad()
     def softmax_center_teacher(self, teacher_patch_tokens, teacher_temp):
-        self.apply_center_update()
-        return F.softmax((teacher_patch_tokens - self.center) / teacher_temp, dim=-1)
+        return self.centered_softmax(teacher_patch_tokens, teacher_temp)
 
     @torch.no_grad()
     def sinkhorn_knopp_teacher(self, teacher_output, teacher_temp, n_masked_patches_tensor, n_iterations=3):
