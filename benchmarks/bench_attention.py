@@ -117,7 +117,7 @@ class _Padded:
 
 def _make_providers(names, lengths, heads, device, dtype):
     """name -> callable(q, k, v) for every requested provider that can run here (and why the others cannot)."""
-    from celldino.kernels import _dispatch, attention
+    from celldino.kernels import attention
     made, skipped = {}, {}
     cu = torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0).to(torch.int32)
     cu_dev = cu.to(device)
@@ -128,8 +128,8 @@ def _make_providers(names, lengths, heads, device, dtype):
             if name == "sdpa_per_group":
                 made[name] = functools.partial(sdpa_per_group, groups=groups)
             elif name in ("celldino", "celldino_t64"):
-                if not (on_gpu or _dispatch.interpreting()) or attention.triton is None:
-                    raise RuntimeError("needs CUDA (or TRITON_INTERPRET=1 set before import)")
+                if not common.triton_kernels_run_on(device):
+                    raise RuntimeError(common.TRITON_UNAVAILABLE)
                 tile = 64 if name == "celldino_t64" else None
                 made[name] = functools.partial(attention.multicrop_attention_triton, cu_seqlens=cu, tile=tile)
             elif name == "varlen":
@@ -232,7 +232,7 @@ def run(args):
     names = getattr(args, "attn_providers", None) or PROVIDERS
     if "sdpa_per_group" not in names:
         names = ["sdpa_per_group"] + list(names)  # the baseline of every speed-up
-    reps = {} if on_gpu else {"warmup": 1, "rep": 3}
+    reps = common.reps_for(device)
     rows = []
     for name, heads, glen, llen, n_local, batch, head_dim in _cases(args, on_gpu):
         lengths = crop_lengths(2, n_local, glen, llen, batch)

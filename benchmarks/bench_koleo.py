@@ -26,10 +26,9 @@ def _shapes(args, on_gpu):
 
 
 def _providers(device):
-    from celldino.kernels import _dispatch
     from celldino.kernels import koleo as ko
     providers = [("reference", ko.koleo_loss_reference)]
-    if ko.triton is not None and (device.type == "cuda" or _dispatch.interpreting()):
+    if common.triton_kernels_run_on(device):
         providers.append(("triton", ko.koleo_loss_triton))
     return providers
 
@@ -39,8 +38,7 @@ def run(args):
     device = torch.device("cuda" if on_gpu else "cpu")
     shapes, dtypes = _shapes(args, on_gpu)
     providers = _providers(device)
-    note = "" if any(p == "triton" for p, _ in providers) else \
-        "triton needs CUDA (or TRITON_INTERPRET=1 before import); reference only"
+    note = "" if any(p == "triton" for p, _ in providers) else f"{common.TRITON_UNAVAILABLE}; reference only"
     rows = []
     for B, D in shapes:
         for dtype in dtypes:
@@ -56,8 +54,7 @@ def run(args):
                         def call(fn=fn):
                             x.grad = None
                             fn(x).backward()
-                    timing = common.bench(call, warmup=1 if not on_gpu else 3, rep=3 if not on_gpu else 10,
-                                          device=device)
+                    timing = common.bench(call, device=device, **common.reps_for(device))
                     peak = common.peak_memory_mb(call, device)
                     if name == "reference":
                         baseline_ms = timing[0]

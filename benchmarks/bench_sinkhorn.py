@@ -51,10 +51,9 @@ def _shapes(args, on_gpu):
 
 
 def _providers(device):
-    from celldino.kernels import _dispatch
     from celldino.kernels import sinkhorn as sk
     providers = [("dinov2", dinov2_sinkhorn), ("torch_ref", sk.sinkhorn_knopp_reference)]
-    if sk.triton is not None and (device.type == "cuda" or _dispatch.interpreting()):
+    if common.triton_kernels_run_on(device):
         providers.append(("triton", sk.sinkhorn_knopp_triton))
     return providers
 
@@ -64,8 +63,7 @@ def run(args):
     device = torch.device("cuda" if on_gpu else "cpu")
     shapes, dtypes = _shapes(args, on_gpu)
     providers = _providers(device)
-    note = "" if any(p == "triton" for p, _ in providers) else \
-        "triton needs CUDA (or TRITON_INTERPRET=1 before import); references only"
+    note = "" if any(p == "triton" for p, _ in providers) else f"{common.TRITON_UNAVAILABLE}; references only"
     rows = []
     for op, n_rows, K in shapes:
         for dtype in dtypes:
@@ -76,8 +74,7 @@ def run(args):
             baseline_ms = None
             for name, fn in providers:
                 call = lambda fn=fn: fn(logits, TEMP, N_ITER)  # noqa: E731
-                timing = common.bench(call, warmup=1 if not on_gpu else 3, rep=3 if not on_gpu else 10,
-                                      device=device)
+                timing = common.bench(call, device=device, **common.reps_for(device))
                 peak = common.peak_memory_mb(call, device)
                 if name == "dinov2":
                     baseline_ms = timing[0]

@@ -60,6 +60,21 @@ def _triton_version():
         return "none"
 
 
+TRITON_UNAVAILABLE = "triton needs CUDA (or TRITON_INTERPRET=1 set before import)"
+
+
+def triton_kernels_run_on(device):
+    """Whether celldino's Triton kernels can run on `device`: triton imports, and the device is CUDA or the Triton
+    CPU interpreter was enabled (TRITON_INTERPRET=1 before celldino.kernels is imported). Else: TRITON_UNAVAILABLE."""
+    from celldino.kernels import _dispatch
+    return _dispatch.triton_available() and (torch.device(device).type == "cuda" or _dispatch.interpreting())
+
+
+def reps_for(device):
+    """bench() repetitions: the defaults on a GPU, a cheap smoke run (1 warm-up, 3 timed) on the CPU."""
+    return {} if torch.device(device).type == "cuda" else {"warmup": 1, "rep": 3}
+
+
 def bench(fn, warmup=3, rep=10, device=None):
     """Median / p20 / p80 wall time in ms of `fn()` (CUDA-synchronised on GPU)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
