@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# One-call GPU check for a lent device machine (see docs/benchmarks.md): build celldino._C with CUDA, run the
+# GPU-marked tests, then the benchmark suite at GPU sizes, most important first, each stage under its own time
+# limit and all of them inside one overall deadline, so a slow stage costs the later ones, never the results.
+#
+#   bash scripts/gpu_check.sh [total_seconds]      (default 560)
+#
+# Writes under $OUT (or ./gpu_check_out): gpu_check.log, results.tgz (benchmark CSVs + REPORT.md, pytest junit
+# XML, build log), refreshed after every stage. Python packages the device image lacks (omegaconf, antlr4: pure
+# Python) are expected in ./.devsite (carried; git-ignored).
+set -u
+START=$(date +%s)
+TOTAL=${1:-560}
+OUT=${OUT:-$PWD/gpu_check_out}
+WORK=/tmp/celldino_gpu
+mkdir -p "$OUT" "$WORK/results" "$WORK/junit"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/.devsite${PYTHONPATH:+:$PYTHONPATH}"
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=12
+exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+
+pack() { tar czf "$OUT/results.tgz" -C "$WORK" results junit build.log 2>/dev/null; }
+
+# stage NAME BUDGET CMD...: run CMD with min(BUDGET, time left - 5 s); record rc and seconds.
+stage() {
+    local name=$1 budget=$2; shift 2
+    local left=$(( TOTAL - ($(date +%s) - START) - 5 ))
+    (( left < budget )) && budget=$left
+    if (( budget < 10 )); then echo "### $name: SKIPPED (no time left)"; echo "$name skipped" >> "$WORK/summary"; return; fi
+    echo "### $name (limit ${budget}s): $*"
+    local t0=$(date +%s)
+    timeout -k 5 "$budget" "$@"
+    local rc=$?
+    echo "### $name rc=$rc in $(( $(date +%s) - t0 ))s"
+    echo "$name rc=$rc $(( $(date +%s) - t0 ))s" >> "$WORK/summary"
+    pack
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
+python3 -c "import sys, torch, triton; print(sys.version.split()[0], torch.__version__, triton.__version__, torch.cuda.get_device_name())"
+
+# Editable install without the extension (seconds), then the CUDA extension built in place in the background
+# while the kernel tests run (they do not need it).
+stage install 90 env CELLDINO_NO_EXTENSION=1 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e .
+( timeout 240 python3 setup.py build_ext --inplace > "$WORK/build.log" 2>&1; echo "build rc=$?" >> "$WORK/build.log" ) &
+BUILD_PID=$!
+stage import 30 python3 -c "import celldino.kernels, celldino.train.trainer, celldino.benchmarks.run_all; print('imports ok')"
+
+PYTEST=(python3 -m pytest -q -p no:cacheprovider -m gpu -rs --timeout 150)
+stage test_kernels_eval 150 "${PYTEST[@]}" tests/kernels tests/eval --junitxml "$WORK/junit/kernels_eval.xml"
+
+BENCH=(python3 -m celldino.benchmarks.run_all --results-dir "$WORK/results")
+stage bench_attention 110 "${BENCH[@]}" attention --attn-layouts vitl16 vitl14
+stage bench_train 170 "${BENCH[@]}" train --train-batch 32 --train-steps 10
+stage bench_sinkhorn 45 "${BENCH[@]}" sinkhorn
+stage bench_koleo 35 "${BENCH[@]}" koleo
+
+wait "$BUILD_PID"; tail -3 "$WORK/build.log"
+stage test_augment 60 "${PYTEST[@]}" tests/data --junitxml "$WORK/junit/data.xml"
+# the real trainer end to end on the GPU (data loader, compile, checkpoint, teacher export) on the bundled sample
+stage train_smoke 90 python3 -m celldino train --config-file demo --output-dir "$WORK/train_smoke" \
+    "train.dataset_path=CSV:path=$PWD/data/sample/stain_task/stain_task.csv" train.stop_after_iters=30 train.num_workers=4
+cp "$WORK/train_smoke/training_metrics.json" "$WORK/results/train_smoke_metrics.json" 2>/dev/null; pack
+stage bench_augment 40 "${BENCH[@]}" augment
+stage bench_knn 60 "${BENCH[@]}" knn
+stage bench_data 30 "${BENCH[@]}" data
+
+echo "### summary"; cat "$WORK/summary"; ls -l "$WORK/results"
+pack
