@@ -54,19 +54,24 @@ def _perm_dtype(n: int):
     return torch.int32 if n <= 2**31 - 1 else torch.int64
 
 
-class InfiniteSampler(Sampler):
-    """Endless stream: epoch after epoch over range(sample_count) (shuffled: a new permutation per epoch from
-    one torch generator seeded with `seed`), this rank taking every `step`-th element from `start`."""
+class _EndlessSampler(Sampler):
+    """Arguments shared by the endless samplers: sample_count, shuffle, seed, start / step (rank / world),
+    advance (this rank's samples to skip)."""
 
     def __init__(self, *, sample_count: int, shuffle: bool = False, seed: int = 0, start=None, step=None,
                  advance: int = 0):
         if sample_count < 1:
-            raise ValueError(f"InfiniteSampler: sample_count must be >= 1, got {sample_count}")
+            raise ValueError(f"{type(self).__name__}: sample_count must be >= 1, got {sample_count}")
         self._sample_count = int(sample_count)
         self._seed = int(seed)
         self._shuffle = shuffle
         self._start, self._step = _rank_world(start, step)
         self._advance = int(advance)
+
+
+class InfiniteSampler(_EndlessSampler):
+    """Endless stream: epoch after epoch over range(sample_count) (shuffled: a new permutation per epoch from
+    one torch generator seeded with `seed`), this rank taking every `step`-th element from `start`."""
 
     def _per_epoch(self) -> int:
         return len(range(self._start, self._sample_count, self._step))
@@ -96,20 +101,18 @@ def _epoch_seed(seed: int, start: int, epoch: int) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
-class ShardedInfiniteSampler(Sampler):
+class ShardedInfiniteSampler(_EndlessSampler):
     """Endless stream where every rank owns a fixed shard: one global permutation (seeded with `seed`) is
     split as perm[start::step]; each epoch the rank visits its shard in a new order seeded by
-    (seed, rank, epoch). Advancing is O(1) in the number of skipped epochs."""
+    (seed, rank, epoch). Advancing is O(1) in the number of skipped epochs.
+
+    use_new_shuffle_tensor_slice: accepted for the reference's signature and ignored: the reference's two
+    shuffle implementations are one here (SHARDED_INFINITE and SHARDED_INFINITE_NEW give the same stream)."""
 
     def __init__(self, *, sample_count: int, shuffle: bool = False, seed: int = 0, start=None, step=None,
                  advance: int = 0, use_new_shuffle_tensor_slice: bool = False):
-        if sample_count < 1:
-            raise ValueError(f"ShardedInfiniteSampler: sample_count must be >= 1, got {sample_count}")
-        self._sample_count = int(sample_count)
-        self._seed = int(seed)
-        self._shuffle = shuffle
-        self._start, self._step = _rank_world(start, step)
-        self._advance = int(advance)
+        super().__init__(sample_count=sample_count, shuffle=shuffle, seed=seed, start=start, step=step,
+                         advance=advance)
 
     def __iter__(self):
         if self._shuffle:

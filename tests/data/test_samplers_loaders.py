@@ -51,6 +51,20 @@ def test_unshuffled_order_and_new_permutation_each_epoch():
     assert sorted(s[:50]) == sorted(s[50:]) == list(range(50)) and s[:50] != s[50:]
 
 
+@pytest.mark.parametrize("cls", [InfiniteSampler, ShardedInfiniteSampler])
+def test_bad_sampler_arguments_name_the_sampler(cls):
+    with pytest.raises(ValueError, match=f"{cls.__name__}: sample_count must be >= 1, got 0"):
+        cls(sample_count=0)
+    with pytest.raises(ValueError, match="start < step"):
+        cls(sample_count=5, start=2, step=2)
+
+
+def test_sharded_new_shuffle_flag_gives_the_same_stream():
+    kw = dict(sample_count=19, shuffle=True, seed=4, start=1, step=3)
+    assert take(ShardedInfiniteSampler(use_new_shuffle_tensor_slice=True, **kw), 30) == take(
+        ShardedInfiniteSampler(**kw), 30)
+
+
 def test_epoch_sampler():
     s = EpochSampler(size=25, sample_count=10, shuffle=True, seed=1, start=0, step=1)
     e0 = list(s)
