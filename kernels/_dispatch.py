@@ -62,10 +62,24 @@ def use_triton(*tensors):
     return on_cuda and triton_available()
 
 
+def autotune_enabled():
+    """CELLDINO_AUTOTUNE=0 keeps only each kernel's first (default) GPU config: no tuning sweep, so every new shape
+    costs one compile instead of one per config (GPU tests, quick runs). Read when kernel modules are imported."""
+    value = os.environ.get("CELLDINO_AUTOTUNE", "1").strip().lower()
+    if value not in ("0", "1", "off", "on", "false", "true", ""):
+        raise ValueError(f"CELLDINO_AUTOTUNE must be 0 or 1, got {value!r}")
+    return value not in ("0", "off", "false")
+
+
+def tuning_space(configs):
+    """The autotune list to use: all configs, or the first one when CELLDINO_AUTOTUNE=0."""
+    return list(configs) if autotune_enabled() else list(configs[:1])
+
+
 def autotune_configs(gpu_configs, interp_config):
     """triton.Config list for @triton.autotune: a small sweep on the GPU ((kwargs, num_warps, num_stages) each), one
     config under the interpreter (autotuning there only costs time). Call only where triton imports."""
     import triton
     if interpreting():
         return [triton.Config(interp_config, num_warps=4)]
-    return [triton.Config(kw, num_warps=w, num_stages=s) for kw, w, s in gpu_configs]
+    return tuning_space([triton.Config(kw, num_warps=w, num_stages=s) for kw, w, s in gpu_configs])

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import backend, interpreting, triton_available, use_triton
+from ._dispatch import backend, interpreting, triton_available, tuning_space, use_triton
 
 # ----------------------------------------------------------------------------------------------------------------
 # plain-torch reference
@@ -558,12 +558,13 @@ if triton_available():
         (128, 32, 8, 2), (128, 32, 8, 3), (128, 16, 4, 2), (128, 16, 8, 2), (128, 64, 8, 2),
         (64, 32, 4, 2), (64, 32, 4, 3), (64, 64, 4, 2), (64, 64, 8, 2))]
     _SPLIT_CONFIGS = _configs((32, 8, 2), (16, 4, 2), (16, 8, 2), (32, 8, 3), (64, 8, 2))
-    _attn_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=["HEAD_DIM", "n_tiles", "n_heads"])(_attn_fwd_kernel)
-    _attn_bwd_fused_tuned = triton.autotune(_FUSED_CONFIGS, key=["HEAD_DIM", "n_groups", "n_heads"])(
+    _attn_fwd_tuned = triton.autotune(tuning_space(_FWD_CONFIGS), key=["HEAD_DIM", "n_tiles", "n_heads"])(
+        _attn_fwd_kernel)
+    _attn_bwd_fused_tuned = triton.autotune(tuning_space(_FUSED_CONFIGS), key=["HEAD_DIM", "n_groups", "n_heads"])(
         _attn_bwd_fused_kernel)
-    _attn_bwd_dkdv_tuned = triton.autotune(_SPLIT_CONFIGS, key=["HEAD_DIM", "n_tiles", "n_heads"])(
+    _attn_bwd_dkdv_tuned = triton.autotune(tuning_space(_SPLIT_CONFIGS), key=["HEAD_DIM", "n_tiles", "n_heads"])(
         _attn_bwd_dkdv_kernel)
-    _attn_bwd_dq_tuned = triton.autotune(_SPLIT_CONFIGS, key=["HEAD_DIM", "n_tiles", "n_heads"])(
+    _attn_bwd_dq_tuned = triton.autotune(tuning_space(_SPLIT_CONFIGS), key=["HEAD_DIM", "n_tiles", "n_heads"])(
         _attn_bwd_dq_kernel)
 
 _LOG2E = 1.4426950408889634

@@ -4,6 +4,8 @@
 # limit and all of them inside one overall deadline, so a slow stage costs the later ones, never the results.
 #
 #   bash scripts/gpu_check.sh [total_seconds]      (default 560)
+#   STAGES="test_kernels_eval bench_knn" bash scripts/gpu_check.sh 200     (only the named stages; install and
+#                                                                          import always run)
 #
 # Writes under $OUT (or ./gpu_check_out): gpu_check.log, results.tgz (benchmark CSVs + REPORT.md, pytest junit
 # XML, build log), refreshed after every stage. Python packages the device image lacks (omegaconf, antlr4: pure
@@ -23,6 +25,7 @@ pack() { tar czf "$OUT/results.tgz" -C "$WORK" results junit build.log 2>/dev/nu
 # stage NAME BUDGET CMD...: run CMD with min(BUDGET, time left - 5 s); record rc and seconds.
 stage() {
     local name=$1 budget=$2; shift 2
+    if [[ -n "${STAGES:-}" && " install import $STAGES " != *" $name "* ]]; then return; fi
     local left=$(( TOTAL - ($(date +%s) - START) - 5 ))
     (( left < budget )) && budget=$left
     if (( budget < 10 )); then echo "### $name: SKIPPED (no time left)"; echo "$name skipped" >> "$WORK/summary"; return; fi
@@ -45,23 +48,28 @@ stage install 90 env CELLDINO_NO_EXTENSION=1 python3 -m pip install -q --no-deps
 BUILD_PID=$!
 stage import 30 python3 -c "import celldino.kernels, celldino.train.trainer, celldino.benchmarks.run_all; print('imports ok')"
 
-PYTEST=(python3 -m pytest -q -p no:cacheprovider -m gpu -rs --timeout 150)
+# GPU tests check numerics, not tuning: CELLDINO_AUTOTUNE=0 compiles each kernel's default config only (the
+# sm_90 lowering tests compile every config), and xdist spreads the compiles over the cores.
+PYTEST=(env CELLDINO_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -m gpu -rfEs --timeout 150)
+python3 -c "import xdist" 2>/dev/null && PYTEST+=(-n 4)
 stage test_kernels_eval 150 "${PYTEST[@]}" tests/kernels tests/eval --junitxml "$WORK/junit/kernels_eval.xml"
 
 BENCH=(python3 -m celldino.benchmarks.run_all --results-dir "$WORK/results")
 stage bench_attention 110 "${BENCH[@]}" attention --attn-layouts vitl16 vitl14
 stage bench_train 170 "${BENCH[@]}" train --train-batch 32 --train-steps 10
-stage bench_sinkhorn 45 "${BENCH[@]}" sinkhorn
-stage bench_koleo 35 "${BENCH[@]}" koleo
+stage bench_sinkhorn 45 "${BENCH[@]}" sinkhorn ${SINKHORN_ARGS:-}
+stage bench_koleo 35 "${BENCH[@]}" koleo ${KOLEO_ARGS:-}
 
-wait "$BUILD_PID"; tail -3 "$WORK/build.log"
+if [[ -z "${STAGES:-}" || " $STAGES " == *" test_augment "* || " $STAGES " == *" bench_augment "* ]]; then
+    wait "$BUILD_PID"; tail -3 "$WORK/build.log"
+fi
 stage test_augment 60 "${PYTEST[@]}" tests/data --junitxml "$WORK/junit/data.xml"
 # the real trainer end to end on the GPU (data loader, compile, checkpoint, teacher export) on the bundled sample
 stage train_smoke 90 python3 -m celldino train --config-file demo --output-dir "$WORK/train_smoke" \
     "train.dataset_path=CSV:path=$PWD/data/sample/stain_task/stain_task.csv" train.stop_after_iters=30 train.num_workers=4
 cp "$WORK/train_smoke/training_metrics.json" "$WORK/results/train_smoke_metrics.json" 2>/dev/null; pack
 stage bench_augment 40 "${BENCH[@]}" augment
-stage bench_knn 60 "${BENCH[@]}" knn
+stage bench_knn 60 "${BENCH[@]}" knn ${KNN_ARGS:-}
 stage bench_data 30 "${BENCH[@]}" data
 
 echo "### summary"; cat "$WORK/summary"; ls -l "$WORK/results"
