@@ -107,9 +107,23 @@ def peak_memory_mb(fn, device=None):
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+# every row made since the last reset, so run_all can still write what a benchmark measured when it is stopped
+# (a time limit's SIGTERM) or fails part-way
+ROWS_MADE = []
+
+
 def row(bench_name, op, provider, shape, dtype, mode, timing, *, flops=None, bytes_moved=None, items=None,
         peak_mem_mb=None, baseline=None, baseline_ms=None, device=None, note=""):
     """One CSV row; throughput columns are derived from the median time."""
+    made = _row(bench_name, op, provider, shape, dtype, mode, timing, flops=flops, bytes_moved=bytes_moved,
+                items=items, peak_mem_mb=peak_mem_mb, baseline=baseline, baseline_ms=baseline_ms, device=device,
+                note=note)
+    ROWS_MADE.append(made)
+    return made
+
+
+def _row(bench_name, op, provider, shape, dtype, mode, timing, *, flops, bytes_moved, items, peak_mem_mb, baseline,
+         baseline_ms, device, note):
     med, p20, p80 = timing
     return {
         "bench": bench_name, "op": op, "provider": provider, "shape": shape, "dtype": str(dtype).replace("torch.", ""),

@@ -7,6 +7,7 @@ On CPU each benchmark runs small sizes so it never rots; on a GPU the real DINOv
 """
 import argparse
 import importlib
+import signal
 import sys
 import traceback
 
@@ -31,6 +32,20 @@ def add_arguments(parser):
             module.add_arguments(parser.add_argument_group(f"{name} benchmark"))
 
 
+class Stopped(BaseException):
+    """SIGTERM (a time limit, a scheduler) while a benchmark runs: the rows measured so far are still written."""
+
+
+def _stop(signum, frame):
+    raise Stopped(f"signal {signum}")
+
+
+def _write_partial(name, args, why):
+    """Rows a benchmark made before it stopped, each noted as partial; None when it made none."""
+    rows = [dict(r, note=f"{r['note']}; partial run ({why})".lstrip("; ")) for r in common.ROWS_MADE]
+    return common.write_csv(name, rows, args.results_dir) if rows else None
+
+
 def main(args):
     names = args.names or BENCHMARKS
     unknown = sorted(set(names) - set(BENCHMARKS))
@@ -40,6 +55,18 @@ def main(args):
     if not torch.cuda.is_available():
         args.quick = True
     failures = []
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        _run_each(names, args, failures)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if not args.no_report:
+        from . import report
+        print(f"report -> {report.write_report(args.results_dir)}")
+    return 1 if failures else 0
+
+
+def _run_each(names, args, failures):
     for name in names:
         try:
             module = importlib.import_module(f"{__package__}.bench_{name}")
@@ -48,18 +75,20 @@ def main(args):
             failures.append(name)
             continue
         print(f"[{name}] running on {common.device_name()} ...", flush=True)
+        common.ROWS_MADE.clear()
         try:
             rows = module.run(args)
+        except Stopped as stop:  # write what was measured, run nothing more
+            failures.append(name)
+            print(f"[{name}] stopped ({stop}); partial rows -> {_write_partial(name, args, 'stopped')}", flush=True)
+            return
         except Exception:  # keep going: one broken benchmark must not hide the others
             traceback.print_exc()
             failures.append(name)
+            print(f"[{name}] failed; partial rows -> {_write_partial(name, args, 'failed')}", flush=True)
             continue
         path = common.write_csv(name, rows, args.results_dir)
         print(f"[{name}] {len(rows)} rows -> {path}")
-    if not args.no_report:
-        from . import report
-        print(f"report -> {report.write_report(args.results_dir)}")
-    return 1 if failures else 0
 
 
 if __name__ == "__main__":
