@@ -153,6 +153,10 @@ def _make_providers(names, lengths, heads, device, dtype):
                 total = crop.numel()
                 block_mask = create_block_mask(lambda b, h, qi, ki: crop[qi] == crop[ki], None, None, total, total,
                                                device=device)
+                # the "bwd" timing replays one graph's backward (retain_graph=True), which compiled backward graphs
+                # refuse while they donate buffers
+                import torch._functorch.config as functorch_config
+                functorch_config.donated_buffer = False
                 flex = torch.compile(flex_attention, dynamic=False)
 
                 def run_flex(q, k, v, flex=flex, block_mask=block_mask):
