@@ -17,17 +17,23 @@ Rows: median / p20 / p80 ms per step, images/s, achieved TFLOP/s (model FLOPs: s
 forward, no stochastic-depth savings), MFU vs the bf16 peak table in the note, peak memory, speed-up vs the
 reference-style step.
 
-    python -m benchmarks.run_all train [--train-batch 16 32 64] [--train-steps 20]
+    python -m benchmarks.run_all train [--train-batch 16 32 64] [--train-steps 20] [--train-profile DIR]
+
+--train-profile DIR: after each provider's timed steps (so the rows are unchanged), a few more steps under
+torch.profiler, written per provider and batch size into DIR (trace, top-40 table, category breakdown CSV) with
+one summary line each: see `step_profile.py`.
 """
 import contextlib
 import math
 import shutil
+import sys
 import tempfile
+import traceback
 
 import torch
 import torch.nn.functional as F
 
-from . import common
+from . import common, step_profile
 
 TINY = ["student.arch=vit_small", "student.embed_dim=64", "student.depth=2", "student.num_heads=2",
         "student.patch_size=8", "student.in_chans=4", "teacher.in_chans=4", "crops.global_crops_size=32",
@@ -41,6 +47,12 @@ def add_arguments(parser):
                         help="per-GPU batch sizes (GPU default: 16 32)")
     parser.add_argument("--train-steps", type=int, default=None, help="timed steps per provider (GPU 20, CPU 3)")
     parser.add_argument("--train-config", default="cell_dino/vitl16_hpaone", help="recipe benchmarked on a GPU")
+    parser.add_argument("--train-profile", metavar="DIR", default=None,
+                        help="after timing, profile a few more steps per provider and batch size into DIR "
+                             "(<provider>_B<batch>_trace.json.gz, _top.txt, _breakdown.csv)")
+    parser.add_argument("--train-profile-steps", type=int, default=3, help="profiled steps (after 1 warm-up)")
+    parser.add_argument("--train-profile-trace-mb", type=float, default=10.0,
+                        help="skip writing a trace over this many MB gzipped (0 = no limit)")
 
 
 def _cfg(args, batch, on_gpu):
@@ -165,6 +177,25 @@ class ReferenceStyleStep:
         return loss.detach()
 
 
+# ---- profiling (after timing) -------------------------------------------------------------------------------------
+
+def _profile(args, provider, step, batch, first_iteration, device, batch_size):
+    """Profile a few more steps into --train-profile DIR; a failure is reported and does not cost the timed rows."""
+    out_dir = getattr(args, "train_profile", None)
+    if not out_dir:
+        return None
+    try:
+        result = step_profile.profile_steps(
+            step, batch, first_iteration, device, out_dir, f"{provider}_B{batch_size}",
+            active=getattr(args, "train_profile_steps", 3) or 3,
+            max_trace_mb=getattr(args, "train_profile_trace_mb", 10.0))
+    except Exception:  # noqa: BLE001 - diagnostics only: the measured rows still get written
+        print(f"[train profile] {provider} B{batch_size} failed:\n{traceback.format_exc()}", file=sys.stderr)
+        return None
+    print(step_profile.summary_line(result), flush=True)
+    return result
+
+
 # ---- timing ----------------------------------------------------------------------------------------------------------
 
 def _time_steps(step, batch, warmup, steps, device):
@@ -232,10 +263,11 @@ def run(args):
             batch = make_batch(trainer.cfg, device, trainer.plan.input_dtype)
             n_masked = int(batch["mask_indices_list"].shape[0])
             flops, _ = ssl_step_flops(trainer.model, trainer.cfg, batch_size, n_masked)
-            timing = _time_steps(trainer.train_step, batch, warmup + (2 if trainer.plan.compile else 0), steps,
-                                 device)
+            trainer_warmup = warmup + (2 if trainer.plan.compile else 0)
+            timing = _time_steps(trainer.train_step, batch, trainer_warmup, steps, device)
             results["celldino"] = (timing, _peak_mem(device), str(trainer.plan.student["backbone"].param_dtype),
                                    "compile" if trainer.plan.compile else "eager")
+            _profile(args, "celldino", trainer.train_step, batch, trainer_warmup + steps, device, batch_size)
         finally:
             trainer.close()
             del trainer
@@ -245,6 +277,7 @@ def run(args):
         ref_batch = make_batch(cfg, device, torch.float16 if on_gpu else torch.float32)
         timing = _time_steps(ref.train_step, ref_batch, warmup, steps, device)
         results["reference-style"] = (timing, _peak_mem(device), "fp16-autocast" if on_gpu else "float32", "eager")
+        _profile(args, "reference-style", ref.train_step, ref_batch, warmup + steps, device, batch_size)
         del ref
         _reset_mem(device)
         base_ms = results["reference-style"][0][0]

@@ -4,7 +4,7 @@ import argparse
 import pytest
 import torch
 
-from celldino.benchmarks import bench_train
+from celldino.benchmarks import bench_train, step_profile
 
 
 def test_bench_train_rows_on_cpu():
@@ -32,3 +32,114 @@ def test_reference_style_step_computes_the_same_loss_at_step_zero():
     ours.train()
     total, _ = ours.compute_losses(batch, ref.schedules[3][0])
     assert ref.train_step(batch, 0).item() == pytest.approx(total.item(), rel=1e-5)
+
+
+# ---- --train-profile: where the step's time goes -------------------------------------------------------------------
+
+def _read_breakdown(path):
+    import csv
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_train_profile_writes_trace_table_and_breakdown_per_provider(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("the GPU run is a benchmark, not a test")
+    import gzip
+    import json
+    args = argparse.Namespace(quick=True, train_batch=[2], train_steps=2, train_profile=str(tmp_path / "prof"),
+                              train_profile_steps=2, train_profile_trace_mb=10.0)
+    try:
+        rows = bench_train.run(args)
+    finally:
+        torch.set_flush_denormal(False)
+    assert [r["provider"] for r in rows] == ["reference-style", "celldino"]  # timed rows still made
+    printed = capsys.readouterr().out
+    for provider in ("celldino", "reference-style"):
+        stem = tmp_path / "prof" / f"{provider}_B2"
+        with gzip.open(f"{stem}_trace.json.gz", "rt") as f:
+            trace = json.load(f)
+        assert any(e.get("name") == "aten::mm" or e.get("name") == "aten::addmm" for e in trace["traceEvents"])
+        top = open(f"{stem}_top.txt").read()
+        assert "Self CPU" in top and "2 profiled steps" in top
+        table = _read_breakdown(f"{stem}_breakdown.csv")
+        assert sorted(r["category"] for r in table) == sorted(step_profile.CATEGORY_NAMES)
+        assert sum(float(r["percent"]) for r in table) == pytest.approx(100.0, abs=0.05)
+        by_cat = {r["category"]: float(r["ms_per_step"]) for r in table}
+        assert by_cat["matmul/GEMM"] > 0 and by_cat["attention"] > 0  # a ViT step has both
+        assert by_cat["communication"] == 0  # one CPU process: nothing to communicate
+        line = next(ln for ln in printed.splitlines() if ln.startswith(f"[train profile] {provider}_B2:"))
+        assert line.count("%") == 3
+
+
+def test_profile_steps_skips_an_oversized_trace_and_attributes_a_matmul_step(tmp_path, capsys):
+    """A step that is almost only matmuls: the breakdown says so; a trace over the limit is not written."""
+    a = torch.randn(384, 384)
+
+    def step(batch, iteration):
+        for _ in range(4):
+            batch @ batch
+    result = step_profile.profile_steps(step, a, 0, torch.device("cpu"), str(tmp_path), "toy", active=2,
+                                        max_trace_mb=1e-9)
+    assert not (tmp_path / "toy_trace.json.gz").exists() and "not written" in capsys.readouterr().out
+    assert (tmp_path / "toy_top.txt").exists() and not list(tmp_path.glob("*.tmp*"))
+    table = {r["category"]: float(r["percent"]) for r in _read_breakdown(tmp_path / "toy_breakdown.csv")}
+    assert max(table, key=table.get) == "matmul/GEMM" and table["matmul/GEMM"] > 50
+    assert result["breakdown"][0][0] == "matmul/GEMM" and result["wall_ms"] > 0
+
+
+@pytest.mark.parametrize("name, category", [
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off_kernel__5x_"
+     "cublas", "matmul/GEMM"),
+    ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTT", "matmul/GEMM"),
+    ("void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_relu_bf16_64x64_64x4_tn_align8>(Params)",
+     "matmul/GEMM"),
+    ("aten::addmm", "matmul/GEMM"),
+    ("triton_tem_fused_mm_0", "matmul/GEMM"),
+    ("aten::mkldnn_convolution", "matmul/GEMM"),
+    ("_attn_fwd_kernel", "attention"),
+    ("_attn_bwd_dkdv_kernel", "attention"),
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4>, true>(Flash_fwd_params)",
+     "attention"),
+    ("fmha_cutlassB_f16_aligned_64x64_k64_sm80(PyTorchMemEffAttention::AttentionBackwardKernel)", "attention"),
+    ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
+    ("triton_red_fused_native_layer_norm_0", "triton fused elementwise/norm"),
+    ("triton_poi_fused__to_copy_add_gelu_1", "triton fused elementwise/norm"),
+    ("_sk_col_pass_kernel", "celldino sinkhorn/koleo"),
+    ("_koleo_bwd_kernel", "celldino sinkhorn/koleo"),
+    ("ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "communication"),
+    ("c10d::_reduce_scatter_base_", "communication"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::"
+     "FusedOptimizerTensorListMetadata<4>, at::native::(anonymous namespace)::FusedAdamMathFunctor<float, 4>>",
+     "optimizer/EMA (foreach)"),
+    ("aten::_foreach_mul_", "optimizer/EMA (foreach)"),
+    ("Memcpy DtoD (Device -> Device)", "copies/memset"),
+    ("Memset (Device)", "copies/memset"),
+    ("void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda(at::TensorIteratorBase&)>",
+     "copies/memset"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>", "eager elementwise/norm/"
+     "reduction"),
+    ("aten::native_layer_norm", "eager elementwise/norm/reduction"),
+    ("ProfilerStep*", "other"),
+    ("cudaLaunchKernel", "other"),
+])
+def test_classify_kernel_names(name, category):
+    assert step_profile.classify(name) == category
+
+
+def test_gpu_breakdown_counts_device_events_once():
+    """On a GPU only device-side events count (CPU ops and GPU user annotations would double count)."""
+    from types import SimpleNamespace
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+
+    def ev(key, device_type, device_us, annotation=False):
+        return SimpleNamespace(key=key, device_type=device_type, self_device_time_total=device_us,
+                               self_cpu_time_total=5.0, is_user_annotation=annotation)
+    events = [ev("aten::mm", cpu, 300.0), ev("nvjet_tst_128x256", cuda, 300.0), ev("_attn_fwd_kernel", cuda, 100.0),
+              ev("Memcpy HtoD (Pageable -> Device)", cuda, 100.0), ev("ProfilerStep#2", cuda, 500.0, True)]
+    times = step_profile.self_times_us(events, on_gpu=True)
+    assert [name for name, _ in times] == ["nvjet_tst_128x256", "_attn_fwd_kernel", "Memcpy HtoD (Pageable -> Device)"]
+    table = {c: (ms, pct) for c, ms, pct in step_profile.breakdown(times, n_steps=2)}
+    assert table["matmul/GEMM"] == pytest.approx((0.15, 60.0))
+    assert table["attention"] == pytest.approx((0.05, 20.0)) and table["copies/memset"] == pytest.approx((0.05, 20.0))
+    assert table["other"] == (0.0, 0.0)
