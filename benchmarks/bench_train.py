@@ -277,9 +277,6 @@ def run(args):
         ref_batch = make_batch(cfg, device, torch.float16 if on_gpu else torch.float32)
         timing = _time_steps(ref.train_step, ref_batch, warmup, steps, device)
         results["reference-style"] = (timing, _peak_mem(device), "fp16-autocast" if on_gpu else "float32", "eager")
-        _profile(args, "reference-style", ref.train_step, ref_batch, warmup + steps, device, batch_size)
-        del ref
-        _reset_mem(device)
         base_ms = results["reference-style"][0][0]
         for provider in ("reference-style", "celldino"):
             timing, mem, dtype, mode = results[provider]
@@ -293,4 +290,8 @@ def run(args):
                      + ("" if on_gpu else "; CPU smoke size")))
         if not math.isfinite(base_ms):
             raise RuntimeError("reference-style step time is not finite")
+        # after the rows are made, so a time limit hitting the profile still leaves this batch's rows
+        _profile(args, "reference-style", ref.train_step, ref_batch, warmup + steps, device, batch_size)
+        del ref
+        _reset_mem(device)
     return rows
