@@ -16,8 +16,9 @@ from enum import Enum
 import torch
 
 from celldino.models import ARCHS, DinoVisionTransformer, arch_builder
-from celldino.models.checkpoint import (CheckpointError, infer_model_kwargs, load_backbone_state_dict,
-                                        load_state_dict_strict, remap_block_keys, save_pth, save_safetensors)
+from celldino.models.checkpoint import (CheckpointError, decode_metadata, infer_model_kwargs,
+                                        load_backbone_state_dict, load_state_dict_strict, remap_block_keys, save_pth,
+                                        save_safetensors)
 
 logger = logging.getLogger("celldino")
 
@@ -54,11 +55,31 @@ def _build(arch, kwargs, source):
     return DinoVisionTransformer(**kwargs)
 
 
+TEACHER_EXPORT_SIBLINGS = {"teacher_checkpoint.pth": "teacher_backbone.safetensors"}
+
+
+def _sibling_export_metadata(path):
+    """Model settings of the safetensors export that `celldino train` writes beside a reference-format
+    teacher_checkpoint.pth (eval/training_<iter>/): what the weights cannot tell (num_heads of a non-standard size,
+    the arch name). Empty for any other file."""
+    sibling = TEACHER_EXPORT_SIBLINGS.get(os.path.basename(os.fspath(path)))
+    if sibling is None:
+        return {}
+    sibling = os.path.join(os.path.dirname(os.fspath(path)), sibling)
+    if not os.path.isfile(sibling):
+        return {}
+    from safetensors import safe_open
+    with safe_open(sibling, framework="pt") as handle:
+        return decode_metadata(handle.metadata() or {})
+
+
 def backbone_kwargs_from_checkpoint(path, arch=None, **model_kwargs):
     """(arch, model kwargs, backbone state dict): inferred from the weights, then the file's metadata (celldino
-    exports), then the non-inferable defaults, overridden by model_kwargs."""
+    exports; for a training teacher_checkpoint.pth, the export written beside it), then the non-inferable
+    defaults, overridden by model_kwargs."""
     source = os.fspath(path)
     state_dict, metadata = load_backbone_state_dict(path)
+    metadata = {**_sibling_export_metadata(path), **metadata}
     inferred = infer_model_kwargs(state_dict, source)
     kwargs = dict(NON_INFERABLE_DEFAULTS)
     kwargs.update({k: v for k, v in inferred.items() if k != "arch"})

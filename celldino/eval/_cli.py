@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from . import _dist
@@ -23,7 +24,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, crop_default: int, b
     g.add_argument("--resize-size", "--resize", dest="resize_size", type=int, default=0,
                    help="resize the shorter side to this before cropping (bicubic, no antialias); 0 = no resize")
     g.add_argument("--batch-size", type=int, default=batch_default, help=f"images per batch (default {batch_default})")
-    g.add_argument("--num-workers", type=int, default=4, help="data loading worker processes (default 4)")
+    g.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="data loading worker processes (default: 4, at most the CPU count)")
     g.add_argument("--device", default="auto", help="cuda, cuda:1, cpu or auto (default: cuda when available)")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"],
                    help="autocast dtype of the backbone (auto: fp16 on GPU as the reference, fp32 on CPU)")

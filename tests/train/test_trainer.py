@@ -58,7 +58,14 @@ def test_run_writes_the_reference_output_dir(tmp_path):
 
     from celldino.hub import load_backbone
     from_safetensors = load_backbone(export / "teacher_backbone.safetensors")
-    from_pth = load_backbone(export / "teacher_checkpoint.pth", num_heads=2)
+    from_pth = load_backbone(export / "teacher_checkpoint.pth")  # num_heads from the export written beside it
+    assert from_pth.num_heads == 2
+    lone = tmp_path / "lone" / "teacher_checkpoint.pth"  # copied away from its export: only the weights speak
+    lone.parent.mkdir()
+    lone.write_bytes((export / "teacher_checkpoint.pth").read_bytes())
+    with pytest.raises(Exception, match="does not record num_heads"):
+        load_backbone(lone)
+    assert load_backbone(lone, num_heads=2).num_heads == 2
     assert from_safetensors.num_heads == 2 and from_safetensors.embed_dim == 32
     for key, value in from_pth.state_dict().items():
         assert torch.equal(value, from_safetensors.state_dict()[key]), key
