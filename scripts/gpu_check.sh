@@ -8,8 +8,8 @@
 #                                                                          import always run)
 #
 # Writes under $OUT (or ./gpu_check_out): gpu_check.log, results.tgz (benchmark CSVs + REPORT.md, pytest junit
-# XML, build log), refreshed after every stage. Python packages the device image lacks (omegaconf, antlr4: pure
-# Python) are expected in ./.devsite (carried; git-ignored).
+# XML, build log, bench_train's profiler output in results/profile/), refreshed after every stage. Python
+# packages the device image lacks (omegaconf, antlr4: pure Python) are expected in ./.devsite (carried; git-ignored).
 set -u
 START=$(date +%s)
 TOTAL=${1:-560}
@@ -56,7 +56,10 @@ stage test_kernels_eval 150 "${PYTEST[@]}" tests/kernels tests/eval --junitxml "
 
 BENCH=(python3 -m celldino.benchmarks.run_all --results-dir "$WORK/results")
 stage bench_attention 110 "${BENCH[@]}" attention --attn-layouts vitl16 vitl14
-stage bench_train 170 "${BENCH[@]}" train --train-batch 32 --train-steps 10
+# --train-profile: where the step's time goes (top-40 kernels, category breakdown, traces of at most
+# TRAIN_TRACE_MB each, gzipped: results.tgz must come back under 16 MiB) into results/profile, packed with the CSVs
+stage bench_train 170 "${BENCH[@]}" train --train-batch 32 --train-steps 10 \
+    --train-profile "$WORK/results/profile" --train-profile-trace-mb "${TRAIN_TRACE_MB:-5}"
 stage bench_sinkhorn 45 "${BENCH[@]}" sinkhorn ${SINKHORN_ARGS:-}
 stage bench_koleo 35 "${BENCH[@]}" koleo ${KOLEO_ARGS:-}
 
