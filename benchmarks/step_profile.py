@@ -141,7 +141,7 @@ def profile_steps(step, batch, first_iteration, device, out_dir, tag, warmup=1, 
     writer.writerows([c, f"{ms:.4f}", f"{pct:.2f}"] for c, ms, pct in rows)
     breakdown_path = _write_text(os.path.join(out_dir, f"{tag}_breakdown.csv"), buf.getvalue())
 
-    header = (f"{tag} on {device}: {active} profiled steps after {warmup} warm-up; wall {wall_ms:.2f} ms/step; "
+    header = (f"{tag} on {device}: {active} profiled step(s) after {warmup} warm-up; wall {wall_ms:.2f} ms/step; "
               f"{kind} time {busy_ms:.2f} ms/step\n")
     table = events.table(sort_by="self_cuda_time_total" if on_gpu else "self_cpu_time_total", row_limit=TOP_ROWS,
                          max_name_column_width=100)
