@@ -11,13 +11,13 @@ them with `apply_crop_params_torch`, the same functions the fused C++/CUDA kerne
 from __future__ import annotations
 
 import logging
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 from torchvision import transforms
 
-from .crop_params import CropParams, apply_crop_params_torch, sample_crop_params
-from .intensity import IntensityScale, parse_intensity_scale, scale_intensity
+from .crop_params import CellCropSampler, apply_crop_params_torch
+from .intensity import scale_intensity
 from .rng import ProcessLocalRNG
 
 logger = logging.getLogger("celldino")
@@ -25,7 +25,7 @@ logger = logging.getLogger("celldino")
 __all__ = ["CellAugmentationDINO", "DataAugmentationDINO", "ProcessLocalRNG", "GaussianBlur"]
 
 
-class CellAugmentationDINO:
+class CellAugmentationDINO(CellCropSampler):
     """Cell-DINO multi-crop augmentation: 2 global + `local_crops_number` local crops per image.
 
     image: C x H x W torch tensor or numpy array of decoded values (any supported dtype). It is scaled to float
@@ -33,54 +33,14 @@ class CellAugmentationDINO:
     independently gets channel drop, protein contrast, RandomResizedCrop (bilinear, antialias=False), flips,
     per-channel brightness and contrast and per-channel self-normalisation (laws in crop_params).
     Returns dict(global_crops=[2], global_crops_teacher=[the same 2], local_crops=[n], offsets=()).
+    Constructor arguments and `sample_params`: `celldino.data.crop_params.CellCropSampler`.
     """
 
-    def __init__(
-        self,
-        global_crops_scale: Sequence[float],
-        local_crops_scale: Sequence[float],
-        local_crops_number: int,
-        global_crops_size: int = 224,
-        local_crops_size: int = 96,
-        intensity_scale=None,
-        protein_channel: int = 1,
-        p_drop: float = 0.2,
-        p_protein: float = 0.2,
-        jitter_std: float = 0.2,
-        ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
-        seed: Optional[int] = None,
-    ):
-        self.global_crops_scale = tuple(float(v) for v in global_crops_scale)
-        self.local_crops_scale = tuple(float(v) for v in local_crops_scale)
-        self.local_crops_number = int(local_crops_number)
-        self.global_crops_size = int(global_crops_size)
-        self.local_crops_size = int(local_crops_size)
-        self.intensity_scale: IntensityScale = parse_intensity_scale(intensity_scale)
-        self.protein_channel = int(protein_channel)
-        self.p_drop, self.p_protein, self.jitter_std = float(p_drop), float(p_protein), float(jitter_std)
-        self.ratio = tuple(float(r) for r in ratio)
-        self.rng = ProcessLocalRNG(seed)
+    def _log_settings(self) -> None:
         logger.info(
             "CellAugmentationDINO: global %s scale %s, %d local %s scale %s, intensity %s",
             self.global_crops_size, self.global_crops_scale, self.local_crops_number, self.local_crops_size,
             self.local_crops_scale, self.intensity_scale,
-        )
-
-    def sample_params(self, image_shapes, generator=None) -> CropParams:
-        return sample_crop_params(
-            image_shapes,
-            n_global=2,
-            n_local=self.local_crops_number,
-            global_size=self.global_crops_size,
-            local_size=self.local_crops_size,
-            global_scale=self.global_crops_scale,
-            local_scale=self.local_crops_scale,
-            ratio=self.ratio,
-            protein_channel=self.protein_channel,
-            p_drop=self.p_drop,
-            p_protein=self.p_protein,
-            jitter_std=self.jitter_std,
-            seed_or_generator=self.rng.get() if generator is None else generator,
         )
 
     def __call__(self, image, generator: Optional[np.random.Generator] = None) -> dict:
@@ -90,11 +50,11 @@ class CellAugmentationDINO:
         params = self.sample_params([tuple(x.shape)], generator)
         channel_max = x.amax(dim=(1, 2))  # shared by the crops' protein-contrast step
         crops = [apply_crop_params_torch(x, params, i, channel_max=channel_max) for i in range(len(params))]
-        global_crops = crops[:2]
+        global_crops = crops[:self.n_global_crops]
         return {
             "global_crops": global_crops,
             "global_crops_teacher": global_crops,
-            "local_crops": crops[2:],
+            "local_crops": crops[self.n_global_crops:],
             "offsets": (),
         }
 

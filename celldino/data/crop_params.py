@@ -36,9 +36,13 @@ import torch
 import torchvision.transforms.functional as TF
 from torchvision.transforms import InterpolationMode
 
+from .intensity import IntensityScale, parse_intensity_scale
+from .rng import ProcessLocalRNG
+
 __all__ = [
     "CropParams",
     "sample_crop_params",
+    "CellCropSampler",
     "apply_crop_params_torch",
     "apply_all_crop_params_torch",
     "self_normalize",
@@ -218,6 +222,66 @@ def sample_crop_params(
         n_local=n_local,
         protein_channel=protein_channel,
     )
+
+
+class CellCropSampler:
+    """Crop settings and per-process seeded `sample_params` of the Cell-DINO multi-crop augmentation.
+
+    Shared base of `celldino.data.augment.CellAugmentationDINO` (per sample, torch) and
+    `celldino.data.fused_augment.FusedCellAugmentation` (per batch, C++/CUDA): the two must draw their crops from
+    the same laws with the same settings, so they parse the constructor arguments and call `sample_crop_params`
+    in one place. `n_global_crops` is 2 (the reference) unless a subclass sets it.
+    """
+
+    n_global_crops = 2
+
+    def __init__(
+        self,
+        global_crops_scale: Sequence[float],
+        local_crops_scale: Sequence[float],
+        local_crops_number: int,
+        global_crops_size: int = 224,
+        local_crops_size: int = 96,
+        intensity_scale=None,
+        protein_channel: int = 1,
+        p_drop: float = 0.2,
+        p_protein: float = 0.2,
+        jitter_std: float = 0.2,
+        ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
+        seed: Optional[int] = None,
+    ):
+        self.global_crops_scale = tuple(float(v) for v in global_crops_scale)
+        self.local_crops_scale = tuple(float(v) for v in local_crops_scale)
+        self.local_crops_number = int(local_crops_number)
+        self.global_crops_size = int(global_crops_size)
+        self.local_crops_size = int(local_crops_size)
+        self.intensity_scale: IntensityScale = parse_intensity_scale(intensity_scale)
+        self.protein_channel = int(protein_channel)
+        self.p_drop, self.p_protein, self.jitter_std = float(p_drop), float(p_protein), float(jitter_std)
+        self.ratio = tuple(float(r) for r in ratio)
+        self.rng = ProcessLocalRNG(seed)
+        self._log_settings()
+
+    def _log_settings(self) -> None:
+        """Hook at the end of __init__ (CellAugmentationDINO logs its settings; the fused batch op does not)."""
+
+    def sample_params(self, image_shapes, generator: Optional[np.random.Generator] = None) -> CropParams:
+        """Every crop's parameters for images of `image_shapes`, from `generator` or this process's stream."""
+        return sample_crop_params(
+            image_shapes,
+            n_global=self.n_global_crops,
+            n_local=self.local_crops_number,
+            global_size=self.global_crops_size,
+            local_size=self.local_crops_size,
+            global_scale=self.global_crops_scale,
+            local_scale=self.local_crops_scale,
+            ratio=self.ratio,
+            protein_channel=self.protein_channel,
+            p_drop=self.p_drop,
+            p_protein=self.p_protein,
+            jitter_std=self.jitter_std,
+            seed_or_generator=self.rng.get() if generator is None else generator,
+        )
 
 
 def self_normalize(x: torch.Tensor, eps: float = SELF_NORM_EPS) -> torch.Tensor:

@@ -22,9 +22,8 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .crop_params import CropParams, sample_crop_params
+from .crop_params import CellCropSampler, CropParams
 from .intensity import IntensityScale, parse_intensity_scale, scale_intensity
-from .rng import ProcessLocalRNG
 
 __all__ = [
     "ExtensionNotBuiltError",
@@ -244,13 +243,13 @@ def apply_crop_params(images, params: CropParams, out_dtype=torch.float32, inten
                            channel_max=channel_max)
 
 
-class FusedCellAugmentation:
+class FusedCellAugmentation(CellCropSampler):
     """Batch-level Cell-DINO multi-crop augmentation: the fused alternative to per-sample CellAugmentationDINO
     followed by the crop stacking of collate_data_and_cast.
 
-    Same constructor arguments and parameter laws as CellAugmentationDINO (it samples with
-    `celldino.data.crop_params.sample_crop_params` from a per-process seeded stream), plus `out_dtype` and
-    `device`. `aug(images)` -> dict(collated_global_crops [2B, C, G, G], collated_local_crops [nB, C, L, L],
+    Same constructor arguments, parameter laws and `sample_params` as CellAugmentationDINO (both are a
+    `celldino.data.crop_params.CellCropSampler`: per-process seeded stream), plus `out_dtype`, `device` and
+    `n_global_crops`. `aug(images)` -> dict(collated_global_crops [2B, C, G, G], collated_local_crops [nB, C, L, L],
     params). `aug.collate_fn(mask_ratio_tuple, mask_probability, mask_generator, n_tokens=None)` builds a
     DataLoader collate_fn that turns [(raw image, target), ...] into the full reference batch dict (crops from
     the fused op, masks exactly as collate_data_and_cast). See docs/fused_augment.md.
@@ -274,36 +273,14 @@ class FusedCellAugmentation:
         device=None,
         n_global_crops: int = 2,
     ):
-        self.global_crops_scale = tuple(float(v) for v in global_crops_scale)
-        self.local_crops_scale = tuple(float(v) for v in local_crops_scale)
-        self.local_crops_number = int(local_crops_number)
+        super().__init__(
+            global_crops_scale, local_crops_scale, local_crops_number, global_crops_size=global_crops_size,
+            local_crops_size=local_crops_size, intensity_scale=intensity_scale, protein_channel=protein_channel,
+            p_drop=p_drop, p_protein=p_protein, jitter_std=jitter_std, ratio=ratio, seed=seed,
+        )
         self.n_global_crops = int(n_global_crops)
-        self.global_crops_size = int(global_crops_size)
-        self.local_crops_size = int(local_crops_size)
-        self.intensity_scale = parse_intensity_scale(intensity_scale)
-        self.protein_channel = int(protein_channel)
-        self.p_drop, self.p_protein, self.jitter_std = float(p_drop), float(p_protein), float(jitter_std)
-        self.ratio = tuple(float(r) for r in ratio)
         self.out_dtype = _as_out_dtype(out_dtype)
         self.device = None if device is None else torch.device(device)
-        self.rng = ProcessLocalRNG(seed)
-
-    def sample_params(self, image_shapes, generator: Optional[np.random.Generator] = None) -> CropParams:
-        return sample_crop_params(
-            image_shapes,
-            n_global=self.n_global_crops,
-            n_local=self.local_crops_number,
-            global_size=self.global_crops_size,
-            local_size=self.local_crops_size,
-            global_scale=self.global_crops_scale,
-            local_scale=self.local_crops_scale,
-            ratio=self.ratio,
-            protein_channel=self.protein_channel,
-            p_drop=self.p_drop,
-            p_protein=self.p_protein,
-            jitter_std=self.jitter_std,
-            seed_or_generator=self.rng.get() if generator is None else generator,
-        )
 
     def __call__(self, images, generator: Optional[np.random.Generator] = None, channel_max=None) -> dict:
         image_list = _as_image_list(images)
