@@ -27,18 +27,14 @@ def _shapes(args, on_gpu):
 
 def _providers(device):
     from celldino.kernels import koleo as ko
-    providers = [("reference", ko.koleo_loss_reference)]
-    if common.triton_kernels_run_on(device):
-        providers.append(("triton", ko.koleo_loss_triton))
-    return providers
+    return common.with_triton_provider([("reference", ko.koleo_loss_reference)], ko.koleo_loss_triton, device)
 
 
 def run(args):
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
     shapes, dtypes = _shapes(args, on_gpu)
-    providers = _providers(device)
-    note = "" if any(p == "triton" for p, _ in providers) else f"{common.TRITON_UNAVAILABLE}; reference only"
+    providers, note = _providers(device)
     rows = []
     for B, D in shapes:
         for dtype in dtypes:

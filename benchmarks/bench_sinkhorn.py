@@ -52,18 +52,15 @@ def _shapes(args, on_gpu):
 
 def _providers(device):
     from celldino.kernels import sinkhorn as sk
-    providers = [("dinov2", dinov2_sinkhorn), ("torch_ref", sk.sinkhorn_knopp_reference)]
-    if common.triton_kernels_run_on(device):
-        providers.append(("triton", sk.sinkhorn_knopp_triton))
-    return providers
+    references = [("dinov2", dinov2_sinkhorn), ("torch_ref", sk.sinkhorn_knopp_reference)]
+    return common.with_triton_provider(references, sk.sinkhorn_knopp_triton, device)
 
 
 def run(args):
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
     shapes, dtypes = _shapes(args, on_gpu)
-    providers = _providers(device)
-    note = "" if any(p == "triton" for p, _ in providers) else f"{common.TRITON_UNAVAILABLE}; references only"
+    providers, note = _providers(device)
     rows = []
     for op, n_rows, K in shapes:
         for dtype in dtypes:

@@ -70,6 +70,17 @@ def triton_kernels_run_on(device):
     return _dispatch.triton_available() and (torch.device(device).type == "cuda" or _dispatch.interpreting())
 
 
+def with_triton_provider(references, triton_fn, device):
+    """(providers, note) of a kernel benchmark: the plain-torch `references` [(name, fn)], then ("triton",
+    triton_fn) when `triton_kernels_run_on(device)`; note is "" then, else why the rows are references only.
+    Shared by bench_koleo and bench_sinkhorn so both pick and label their providers the same way."""
+    providers = list(references)
+    if triton_kernels_run_on(device):
+        return providers + [("triton", triton_fn)], ""
+    only = "reference only" if len(providers) == 1 else "references only"
+    return providers, f"{TRITON_UNAVAILABLE}; {only}"
+
+
 def reps_for(device):
     """bench() repetitions: the defaults on a GPU, a cheap smoke run (1 warm-up, 3 timed) on the CPU."""
     return {} if torch.device(device).type == "cuda" else {"warmup": 1, "rep": 3}
