@@ -303,16 +303,36 @@ def linear_probe_on_features(train_features, train_labels, val_features, val_lab
     metric = parse_metric_type(metric or ("multilabel_f1" if multilabel else "multiclass_f1"))
     if num_classes is None:
         num_classes = max(infer_num_classes(train_labels), infer_num_classes(val_labels))
-    _, world = _dist.rank_world(group)
-    lrs = [scale_lr(lr, batch_size, world) for lr in learning_rates]
-    gen = torch.Generator().manual_seed(seed)
-    heads = LinearHeadGrid(train_features.shape[1], num_classes, lrs, weight_decays, n_last_blocks=n_last_blocks,
-                           avgpool=avgpool, generator=gen)
+    heads = _head_grid(train_features.shape[1], num_classes, learning_rates, weight_decays, batch_size,
+                       n_last_blocks, avgpool, seed, group)
     device = torch.device(device) if device is not None else torch.device("cpu")
 
     def batches(start_iter):
         for idx in _infinite_feature_batches(len(train_features), batch_size, seed, group, start_iter):
             yield train_features[idx], train_labels[idx]
+
+    return _train_and_select(heads, batches, val_features, val_labels, test_sets, metric=metric,
+                             num_classes=num_classes, loss_type=loss_type, max_iter=epochs * epoch_length,
+                             device=device, checkpoint_path=checkpoint_path, checkpoint_period=checkpoint_period,
+                             resume=resume, eval_period=eval_period, log=log, progress=progress, group=group)
+
+
+def _head_grid(in_dim, num_classes, learning_rates, weight_decays, batch_size, n_last_blocks, avgpool, seed,
+               group) -> LinearHeadGrid:
+    """The grid of heads with every learning rate scaled to the global batch (batch x world / 256), seeded.
+    Shared by the feature and the augment protocols, which must build the same grid."""
+    _, world = _dist.rank_world(group)
+    lrs = [scale_lr(lr, batch_size, world) for lr in learning_rates]
+    return LinearHeadGrid(in_dim, num_classes, lrs, weight_decays, n_last_blocks=n_last_blocks, avgpool=avgpool,
+                          generator=torch.Generator().manual_seed(seed))
+
+
+def _train_and_select(heads, batches, val_features, val_labels, test_sets, *, metric, num_classes, loss_type,
+                      max_iter, device, checkpoint_path, checkpoint_period, resume, eval_period, log, progress,
+                      group) -> Dict:
+    """Train `heads` on `batches` (logging the best head on val every eval_period), then pick the best head on
+    val and score it on the test sets. Shared by the feature and the augment protocols: they differ only in
+    where the training batches come from."""
 
     def on_eval(it):
         vals = evaluate_heads(heads, val_features, val_labels, metric, num_classes)
@@ -320,7 +340,7 @@ def linear_probe_on_features(train_features, train_labels, val_features, val_lab
         if log is not None:
             log({"iter": it, "best_classifier": {"name": heads.names[best], "accuracy": float(vals[best])}})
 
-    train_linear_heads(heads, batches, max_iter=epochs * epoch_length, loss_type=loss_type, device=device,
+    train_linear_heads(heads, batches, max_iter=max_iter, loss_type=loss_type, device=device,
                        checkpoint_path=checkpoint_path, checkpoint_period=checkpoint_period, resume=resume,
                        eval_period=eval_period, on_eval=on_eval, progress=progress, group=group)
     return _select_and_test(heads, val_features, val_labels, test_sets, metric, num_classes, loss_type)
@@ -583,10 +603,8 @@ def _linear_probe_augment(model, train_dataset, val_f, val_y, test_sets, *, num_
         targets = getattr(train_dataset, "get_targets", None)
         num_classes = infer_num_classes(torch.as_tensor(np.asarray(targets()))) if targets else None
         num_classes = max(num_classes or 0, infer_num_classes(val_y))
-    _, world = _dist.rank_world(group)
-    lrs = [scale_lr(lr, batch_size, world) for lr in learning_rates]
-    heads = LinearHeadGrid(in_dim, num_classes, lrs, weight_decays, n_last_blocks=n_last_blocks, avgpool=avgpool,
-                           generator=torch.Generator().manual_seed(seed))
+    heads = _head_grid(in_dim, num_classes, learning_rates, weight_decays, batch_size, n_last_blocks, avgpool, seed,
+                       group)
 
     def batches(start_iter):
         loader = make_data_loader(dataset=train_dataset, batch_size=batch_size, num_workers=num_workers,
@@ -597,13 +615,7 @@ def _linear_probe_augment(model, train_dataset, val_f, val_y, test_sets, *, num_
                 x = fm(images.to(device, non_blocking=True).float())
             yield x, labels_to_tensor(labels)
 
-    def on_eval(it):
-        vals = evaluate_heads(heads, val_f, val_y, metric, num_classes)
-        best = select_best_head(vals)
-        if log is not None:
-            log({"iter": it, "best_classifier": {"name": heads.names[best], "accuracy": float(vals[best])}})
-
-    train_linear_heads(heads, batches, max_iter=epochs * epoch_length, loss_type=loss_type, device=device,
-                       checkpoint_path=checkpoint_path, checkpoint_period=checkpoint_period, resume=resume,
-                       eval_period=eval_period, on_eval=on_eval, progress=progress, group=group)
-    return _select_and_test(heads, val_f, val_y, test_sets, metric, num_classes, loss_type)
+    return _train_and_select(heads, batches, val_f, val_y, test_sets, metric=metric, num_classes=num_classes,
+                             loss_type=loss_type, max_iter=epochs * epoch_length, device=device,
+                             checkpoint_path=checkpoint_path, checkpoint_period=checkpoint_period, resume=resume,
+                             eval_period=eval_period, log=log, progress=progress, group=group)
