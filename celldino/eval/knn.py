@@ -406,19 +406,13 @@ def knn_leave_one_out(train_features, train_labels, test_features, test_labels, 
 
     train_features = torch.as_tensor(train_features)
     test_features = torch.as_tensor(test_features)
-    train_labels, test_labels = labels_to_tensor(train_labels), labels_to_tensor(test_labels)
-    groups = np.asarray(groups)
-    if len(groups) != len(test_labels):
-        raise ValueError(f"{len(groups)} leave-one-out groups for {len(test_labels)} test samples")
-    if num_classes is None:
-        num_classes = max(infer_num_classes(train_labels), infer_num_classes(test_labels))
+    train_labels, test_labels, groups, num_classes = _leave_one_out_inputs(train_labels, test_labels, groups,
+                                                                           num_classes)
     preds = {k: [] for k in nb_knn}
     targets = []
-    for g in _unique_in_order(groups):
-        held = torch.from_numpy(groups == g)
-        scores = knn_scores(torch.cat([train_features, test_features[~held]]),
-                            torch.cat([train_labels, test_labels[~held]]), test_features[held], nb_knn, T,
-                            num_classes, **kw)
+    for fold_features, fold_labels, held in _leave_one_out_folds(train_features, train_labels, test_features,
+                                                                 test_labels, groups):
+        scores = knn_scores(fold_features, fold_labels, test_features[held], nb_knn, T, num_classes, **kw)
         for k in nb_knn:
             preds[k].append(scores[k].argmax(1))
         targets.append(test_labels[held])
@@ -426,6 +420,28 @@ def knn_leave_one_out(train_features, train_labels, test_features, test_labels, 
     labels = list(score_labels) if score_labels is not None else list(range(num_classes))
     return {k: float(f1_score(y, torch.cat(preds[k]).numpy(), average="macro", labels=labels, zero_division=0))
             for k in nb_knn}
+
+
+def _leave_one_out_inputs(train_labels, test_labels, groups, num_classes: Optional[int]):
+    """(train labels, test labels) as tensors, the groups as an array (one per test sample, checked) and
+    num_classes (inferred from both label sets when None). Shared by knn_leave_one_out and
+    celldino.eval.linear.linear_leave_one_out: the same leave-one-out protocol with another classifier."""
+    train_labels, test_labels = labels_to_tensor(train_labels), labels_to_tensor(test_labels)
+    groups = np.asarray(groups)
+    if len(groups) != len(test_labels):
+        raise ValueError(f"{len(groups)} leave-one-out groups for {len(test_labels)} test samples")
+    if num_classes is None:
+        num_classes = max(infer_num_classes(train_labels), infer_num_classes(test_labels))
+    return train_labels, test_labels, groups, num_classes
+
+
+def _leave_one_out_folds(train_features, train_labels, test_features, test_labels, groups: np.ndarray):
+    """For each test group g in first-seen order: (features, labels) of train + the test samples outside g, and
+    the boolean mask of g's test samples. Shared by the kNN and linear leave-one-out protocols."""
+    for g in _unique_in_order(groups):
+        held = torch.from_numpy(groups == g)
+        yield (torch.cat([train_features, test_features[~held]]), torch.cat([train_labels, test_labels[~held]]),
+               held)
 
 
 def _unique_in_order(values):

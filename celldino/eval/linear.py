@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _dist
-from .knn import infer_num_classes, labels_to_tensor
+from .knn import _leave_one_out_folds, _leave_one_out_inputs, infer_num_classes, labels_to_tensor
 from .metrics import compute_metric, parse_metric_type
 
 logger = logging.getLogger("celldino")
@@ -391,18 +391,13 @@ def linear_leave_one_out(train_features, train_labels, test_features, test_label
     F1 over `score_labels`; the best head is reported (selected on this same score, as the reference)."""
     from sklearn.metrics import f1_score
 
-    train_labels, test_labels = labels_to_tensor(train_labels), labels_to_tensor(test_labels)
-    groups = np.asarray(groups)
-    if len(groups) != len(test_labels):
-        raise ValueError(f"{len(groups)} leave-one-out groups for {len(test_labels)} test samples")
-    if num_classes is None:
-        num_classes = max(infer_num_classes(train_labels), infer_num_classes(test_labels))
+    train_labels, test_labels, groups, num_classes = _leave_one_out_inputs(train_labels, test_labels, groups,
+                                                                           num_classes)
     preds, targets, names = None, [], None
-    for g in dict.fromkeys(groups.tolist()):
-        held = torch.from_numpy(groups == g)
-        out = linear_probe_on_features(torch.cat([train_features, test_features[~held]]),
-                                       torch.cat([train_labels, test_labels[~held]]), test_features[held],
-                                       test_labels[held], num_classes=num_classes, **probe_kwargs)
+    for fold_features, fold_labels, held in _leave_one_out_folds(train_features, train_labels, test_features,
+                                                                 test_labels, groups):
+        out = linear_probe_on_features(fold_features, fold_labels, test_features[held], test_labels[held],
+                                       num_classes=num_classes, **probe_kwargs)
         heads = out["heads"]
         with torch.no_grad():
             logits = heads(test_features[held].to(heads.weight.device).float()).cpu()
