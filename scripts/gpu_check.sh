@@ -9,7 +9,10 @@
 #
 # Writes under $OUT (or ./gpu_check_out): gpu_check.log, results.tgz (benchmark CSVs + REPORT.md, pytest junit
 # XML, build log, bench_train's profiler output in results/profile/), refreshed after every stage. Python
-# packages the device image lacks (omegaconf, antlr4: pure Python) are expected in ./.devsite (carried; git-ignored).
+# packages the device image lacks (omegaconf, antlr4: pure Python) are expected in ./.devsite, carried with the
+# call and kept out of git; make it here with
+#   echo /.devsite/ >> .git/info/exclude; mkdir -p .devsite
+#   cp -r "$(python3 -c 'import omegaconf, os; print(os.path.dirname(os.path.dirname(omegaconf.__file__)))')"/{omegaconf,antlr4} .devsite/
 set -u
 START=$(date +%s)
 TOTAL=${1:-560}
