@@ -7,6 +7,7 @@
 """
 import functools
 import os
+import warnings
 
 _VALID = ("auto", "triton", "torch")
 _override = None
@@ -83,3 +84,31 @@ def autotune_configs(gpu_configs, interp_config):
     if interpreting():
         return [triton.Config(interp_config, num_warps=4)]
     return tuning_space([triton.Config(kw, num_warps=w, num_stages=s) for kw, w, s in gpu_configs])
+
+
+_compile_errors = None  # (RuntimeError, triton's CompilationError), resolved on the first launch
+
+
+def launch_autotuned(tuned, grid, *args, **kwargs):
+    """Launch a @triton.autotune kernel; a tuning config the installed Triton cannot compile must not end a run.
+
+    Seen on an H200 with Triton 3.6: the pipeliner rejected one bf16 config of the attention's fused backward with
+    64-row tiles (RuntimeError "PassManager::run failed"), although the config lowers ahead of time without the
+    launch's argument specialisation. Then the kernel keeps only its default config (the first, the one the GPU
+    tests check) for the rest of the process, with a warning. Kernels must be idempotent for autotuning anyway, so
+    relaunching after a failed sweep is safe."""
+    global _compile_errors
+    if _compile_errors is None:
+        from triton.compiler.errors import CompilationError
+        _compile_errors = (RuntimeError, CompilationError)
+    try:
+        return tuned[grid](*args, **kwargs)
+    except _compile_errors as exc:
+        if len(tuned.configs) < 2:
+            raise
+        first_line = str(exc).splitlines()[0][:200] if str(exc) else ""
+        warnings.warn(f"celldino kernels: autotuning {tuned.fn.__name__} failed ({type(exc).__name__}: "
+                      f"{first_line}); using its default config {tuned.configs[0]} from now on", RuntimeWarning,
+                      stacklevel=2)
+        tuned.configs = tuned.configs[:1]
+        return tuned[grid](*args, **kwargs)

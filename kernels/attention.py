@@ -26,7 +26,6 @@ FUSED_BWD_MAX_TILES tiles take a split FlashAttention-2 backward (delta, dk/dv, 
 See docs/kernels.md.
 """
 import math
-import warnings
 import weakref
 from collections import OrderedDict
 from typing import NamedTuple
@@ -35,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import backend, interpreting, triton_available, tuning_space, use_triton
+from ._dispatch import backend, interpreting, launch_autotuned, triton_available, tuning_space, use_triton
 
 # ----------------------------------------------------------------------------------------------------------------
 # plain-torch reference
@@ -278,7 +277,6 @@ def default_tile(dtype, head_dim):
 if triton_available():
     import triton
     import triton.language as tl
-    from triton.compiler.errors import CompilationError as _CompilationError
 
     @triton.jit
     def _program_entry(n_heads):
@@ -591,24 +589,11 @@ def _pinned(block_n):
 
 
 def _launch(tuned, plain, grid, args, consts, meta):
-    """Autotuned on a GPU (meta None); explicit meta-parameters under the interpreter or when pinned.
-
-    A tuning config the installed Triton fails to compile must not end a training run: Triton 3.6's pipeliner
-    rejected one bf16 config of the fused backward with 64-row tiles on an H200 (every config compiles with 3.8).
-    Then the kernel keeps only its default config (the first, the one the GPU tests check) for this process."""
-    if meta is not None:
+    """Autotuned on a GPU (meta None); explicit meta-parameters under the interpreter or when pinned."""
+    if meta is None:
+        launch_autotuned(tuned, grid, *args, **consts)
+    else:
         plain[grid](*args, **consts, **meta)
-        return
-    try:
-        tuned[grid](*args, **consts)
-    except (RuntimeError, _CompilationError) as exc:
-        if len(tuned.configs) < 2:
-            raise
-        warnings.warn(f"celldino attention: autotuning {plain.__name__} failed ({type(exc).__name__}: "
-                      f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); using its default config "
-                      f"{tuned.configs[0]} from now on", RuntimeWarning, stacklevel=2)
-        tuned.configs = tuned.configs[:1]
-        tuned[grid](*args, **consts)
 
 
 def _attn_forward(q, k, v, table, scale, tile, block_n=None):

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ._dispatch import autotune_configs, use_triton
+from ._dispatch import autotune_configs, launch_autotuned, use_triton
 
 try:
     import triton
@@ -246,8 +246,8 @@ def _koleo_forward(xq, xk, q_offset, eps):
     distances = torch.empty(BQ, **f32)
     row_loss = torch.empty(BQ, **f32)
     grid = lambda meta: (triton.cdiv(BQ, meta["BLOCK_M"]),)  # noqa: E731
-    _koleo_fwd_kernel[grid](xq, xk, xq.stride(0), xk.stride(0), nn_index, distances, row_loss, BQ, BK, D, q_offset,
-                            eps, IS_FP32=xq.dtype == torch.float32)
+    launch_autotuned(_koleo_fwd_kernel, grid, xq, xk, xq.stride(0), xk.stride(0), nn_index, distances, row_loss, BQ, BK,
+                     D, q_offset, eps, IS_FP32=xq.dtype == torch.float32)
     return nn_index, distances, row_loss
 
 

@@ -26,7 +26,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from ._dispatch import autotune_configs, use_triton
+from ._dispatch import autotune_configs, launch_autotuned, use_triton
 
 try:
     import triton
@@ -224,8 +224,8 @@ def sinkhorn_knopp_triton(logits, temperature, n_iterations=3, n_rows=None, grou
 
     def col_pass(first, final_u):
         grid = lambda meta: (triton.cdiv(K, meta["BLOCK_K"]),)  # noqa: E731
-        _sk_col_pass_kernel[grid](x, x.stride(0), shift, rinv, colsum, R, K, rb, scale, 1.0 / B, 1.0 / K,
-                                  FIRST=first, FINAL_U=final_u)
+        launch_autotuned(_sk_col_pass_kernel, grid, x, x.stride(0), shift, rinv, colsum, R, K, rb, scale, 1.0 / B,
+                         1.0 / K, FIRST=first, FINAL_U=final_u)
 
     def reduce_u():
         """Distributed: the local per-prototype sums become global; returns u = 1 / (K colsum)."""
@@ -254,11 +254,12 @@ def sinkhorn_knopp_triton(logits, temperature, n_iterations=3, n_rows=None, grou
                 u = reduce_u() if distributed else colsum
             if R:
                 grid = lambda meta: (triton.cdiv(R, meta["BLOCK_R"]),)  # noqa: E731
-                _sk_row_pass_kernel[grid](x, x.stride(0), shift, u, rinv, R, K, rb, scale)
+                launch_autotuned(_sk_row_pass_kernel, grid, x, x.stride(0), shift, u, rinv, R, K, rb, scale)
     out = torch.empty((R, K), **f32)
     if R:
         grid = lambda meta: (triton.cdiv(R, meta["BLOCK_R"]), triton.cdiv(K, meta["BLOCK_K"]))  # noqa: E731
-        _sk_write_kernel[grid](x, x.stride(0), out, out.stride(0), shift, u.contiguous(), rinv, R, K, rb, scale)
+        launch_autotuned(_sk_write_kernel, grid, x, x.stride(0), out, out.stride(0), shift, u.contiguous(), rinv, R, K,
+                         rb, scale)
     return out
 
 

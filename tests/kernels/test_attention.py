@@ -396,39 +396,3 @@ def test_every_gpu_config_compiles_for_sm90(tmp_path):
     stdout = run_lowering_script(COMPILE_SCRIPT, tmp_path, timeout=900)
     assert "compiled 39" in stdout, stdout
 
-
-@pytest.mark.skipif(not hasattr(attention, "triton"), reason="needs triton")
-def test_autotune_compile_failure_falls_back_to_the_default_config():
-    """A sweep config the installed Triton cannot compile (seen with Triton 3.6 on an H200) leaves the default."""
-    calls = []
-
-    class FakeTuner:
-        configs = ["default", "breaks the pipeliner"]
-
-        def __getitem__(self, grid):
-            def launch(*args, **consts):
-                calls.append(list(self.configs))
-                if len(self.configs) > 1:
-                    raise RuntimeError("PassManager::run failed")
-            return launch
-
-    def plain_kernel():
-        pass
-
-    tuner = FakeTuner()
-    with pytest.warns(RuntimeWarning, match="autotuning plain_kernel failed .*PassManager::run failed.*default"):
-        attention._launch(tuner, plain_kernel, (4,), (), {}, None)
-    assert calls == [["default", "breaks the pipeliner"], ["default"]] and tuner.configs == ["default"]
-    attention._launch(tuner, plain_kernel, (4,), (), {}, None)  # no more tuning, no warning
-    assert calls[-1] == ["default"]
-
-    class AlwaysFails(FakeTuner):
-        configs = ["default"]
-
-        def __getitem__(self, grid):
-            def launch(*args, **consts):
-                raise RuntimeError("illegal memory access")
-            return launch
-
-    with pytest.raises(RuntimeError, match="illegal memory access"):
-        attention._launch(AlwaysFails(), plain_kernel, (4,), (), {}, None)
