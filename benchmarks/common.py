@@ -125,18 +125,9 @@ ROWS_MADE = []
 
 def row(bench_name, op, provider, shape, dtype, mode, timing, *, flops=None, bytes_moved=None, items=None,
         peak_mem_mb=None, baseline=None, baseline_ms=None, device=None, note=""):
-    """One CSV row; throughput columns are derived from the median time."""
-    made = _row(bench_name, op, provider, shape, dtype, mode, timing, flops=flops, bytes_moved=bytes_moved,
-                items=items, peak_mem_mb=peak_mem_mb, baseline=baseline, baseline_ms=baseline_ms, device=device,
-                note=note)
-    ROWS_MADE.append(made)
-    return made
-
-
-def _row(bench_name, op, provider, shape, dtype, mode, timing, *, flops, bytes_moved, items, peak_mem_mb, baseline,
-         baseline_ms, device, note):
+    """One CSV row (also recorded in ROWS_MADE); throughput columns are derived from the median time."""
     med, p20, p80 = timing
-    return {
+    made = {
         "bench": bench_name, "op": op, "provider": provider, "shape": shape, "dtype": str(dtype).replace("torch.", ""),
         "mode": mode, "median_ms": round(med, 4), "p20_ms": round(p20, 4), "p80_ms": round(p80, 4),
         "tflops": round(flops / med / 1e9, 3) if flops else "",
@@ -148,6 +139,8 @@ def _row(bench_name, op, provider, shape, dtype, mode, timing, *, flops, bytes_m
         "device": device_name(device), "torch": torch.__version__, "triton": _triton_version(),
         "commit": _git_commit(), "date": _dt.datetime.now().isoformat(timespec="seconds"), "note": note,
     }
+    ROWS_MADE.append(made)
+    return made
 
 
 def write_csv(name, rows, results_dir=None):
