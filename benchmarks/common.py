@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from celldino.files import atomic_write
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 COLUMNS = ["bench", "op", "provider", "shape", "dtype", "mode", "median_ms", "p20_ms", "p80_ms",
@@ -148,11 +150,11 @@ def write_csv(name, rows, results_dir=None):
     results_dir = Path(results_dir or RESULTS_DIR)
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / f"{name}.csv"
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for item in rows:
-            writer.writerow({key: item.get(key, "") for key in COLUMNS})
-    os.replace(tmp, path)
-    return path
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            for item in rows:
+                writer.writerow({key: item.get(key, "") for key in COLUMNS})
+    return atomic_write(path, write)

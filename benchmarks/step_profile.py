@@ -17,9 +17,11 @@ import csv
 import gzip
 import io
 import os
-import shutil
+from pathlib import Path
 
 import torch
+
+from celldino.files import atomic_write, atomic_write_text
 
 # Kernel / op name -> coarse category. Ordered: the first category with a substring in the lower-cased name wins, so
 # the specific entries come before the generic ones (celldino's Triton kernels and attention before the GEMMs, the
@@ -73,18 +75,6 @@ def breakdown(times_us, n_steps):
     return sorted(rows, key=lambda r: -r[1])
 
 
-def _replace_atomic(tmp, path):
-    os.replace(tmp, path)
-    return path
-
-
-def _write_text(path, text):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    return _replace_atomic(tmp, path)
-
-
 def _write_trace(prof, path, max_trace_mb):
     """Chrome trace gzipped to `path`; None (and the file not written) when it is over max_trace_mb gzipped."""
     raw = f"{path}.tmp.json"
@@ -92,18 +82,17 @@ def _write_trace(prof, path, max_trace_mb):
         prof.export_chrome_trace(raw)
         if hasattr(prof, "wait_for_exports"):  # newer torch may finish the export asynchronously
             prof.wait_for_exports()
-        with open(raw, "rb") as fin, gzip.open(f"{path}.tmp", "wb") as fout:
-            shutil.copyfileobj(fin, fout)
+        with open(raw, "rb") as fin:
+            gzipped = gzip.compress(fin.read())
     finally:
         if os.path.exists(raw):
             os.remove(raw)
-    size_mb = os.path.getsize(f"{path}.tmp") / 2**20
+    size_mb = len(gzipped) / 2**20
     if max_trace_mb and size_mb > max_trace_mb:
-        os.remove(f"{path}.tmp")
         print(f"[train profile] {os.path.basename(path)} not written: {size_mb:.1f} MB gzipped > {max_trace_mb} MB "
               "(top/breakdown files written; raise --train-profile-trace-mb, 0 = no limit)", flush=True)
         return None
-    return _replace_atomic(f"{path}.tmp", path)
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(gzipped))
 
 
 def _step_wall_ms(prof):
@@ -139,13 +128,13 @@ def profile_steps(step, batch, first_iteration, device, out_dir, tag, warmup=1, 
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["category", "ms_per_step", "percent"])
     writer.writerows([c, f"{ms:.4f}", f"{pct:.2f}"] for c, ms, pct in rows)
-    breakdown_path = _write_text(os.path.join(out_dir, f"{tag}_breakdown.csv"), buf.getvalue())
+    breakdown_path = atomic_write_text(os.path.join(out_dir, f"{tag}_breakdown.csv"), buf.getvalue())
 
     header = (f"{tag} on {device}: {active} profiled step(s) after {warmup} warm-up; wall {wall_ms:.2f} ms/step; "
               f"{kind} time {busy_ms:.2f} ms/step\n")
     table = events.table(sort_by="self_cuda_time_total" if on_gpu else "self_cpu_time_total", row_limit=TOP_ROWS,
                          max_name_column_width=100)
-    top_path = _write_text(os.path.join(out_dir, f"{tag}_top.txt"), header + table)
+    top_path = atomic_write_text(os.path.join(out_dir, f"{tag}_top.txt"), header + table)
     trace_path = _write_trace(prof, os.path.join(out_dir, f"{tag}_trace.json.gz"), max_trace_mb)
     return {"tag": tag, "breakdown": rows, "wall_ms": wall_ms, "busy_ms": busy_ms, "kind": kind,
             "files": [p for p in (trace_path, top_path, breakdown_path) if p]}

@@ -7,7 +7,6 @@
 3. embed the val crops with the trained teacher into AnnData (.h5ad) and draw a UMAP coloured by stain.
 """
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import torch
 
 from celldino.config import load_config
+from celldino.files import atomic_write_text
 
 SAMPLE_CSV = Path("stain_task") / "stain_task.csv"
 
@@ -102,8 +102,6 @@ def main(args):
                    "--no-progress"] + (["--device", args.device] if args.device else []))
     summary = {"train_seconds": round(train_seconds, 1), "teacher_checkpoint": str(teacher_path),
                "knn_mean_per_class_f1": scores, "anndata": str(h5ad), "umap": str(png)}
-    tmp = output_dir / "demo_results.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, output_dir / "demo_results.json")
+    atomic_write_text(output_dir / "demo_results.json", json.dumps(summary, indent=2))
     print(f"results: {output_dir / 'demo_results.json'}")
     return rc

@@ -5,7 +5,6 @@
 - triton: always Triton (CPU tensors only under TRITON_INTERPRET=1), error if impossible;
 - torch:  always the reference.
 """
-import functools
 import os
 import warnings
 

@@ -15,6 +15,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError
 
+from celldino.files import atomic_write_text
+
 CONFIG_DIR = Path(__file__).resolve().parent
 DEFAULTS_FILE = CONFIG_DIR / "defaults.yaml"
 RECIPES_DIR = CONFIG_DIR / "recipes"
@@ -137,9 +139,4 @@ def apply_scaling_rules_to_cfg(cfg, world_size=1):
 
 def save_config(cfg, path):
     """Write the merged config atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(OmegaConf.to_yaml(cfg))
-    os.replace(tmp, path)
-    return path
+    return Path(atomic_write_text(Path(path), OmegaConf.to_yaml(cfg)))

@@ -16,6 +16,8 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
+from celldino.files import atomic_write
+
 logger = logging.getLogger("celldino")
 
 __all__ = [
@@ -177,10 +179,7 @@ def write_anndata(path: str, embeddings, obs=None, *, umap: Optional[np.ndarray]
     if info:
         uns.update({k: _json_safe(v) for k, v in info.items()})
     adata.uns["celldino"] = uns
-    _ensure_dir(path)
-    tmp = f"{path}.tmp.{os.getpid()}.h5ad"
-    adata.write_h5ad(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, adata.write_h5ad)
     return adata
 
 
@@ -195,24 +194,14 @@ def read_anndata(path: str):
     return ad.read_h5ad(path)
 
 
-def _ensure_dir(path):
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-
-
 def write_npy(path: str, embeddings, obs=None) -> Tuple[str, Optional[str]]:
     """embeddings -> path (.npy, float32) and, with obs, a sidecar <stem>.csv of ids + metadata (same order)."""
     x = np.asarray(embeddings, dtype=np.float32)
-    _ensure_dir(path)
-    tmp = f"{path}.tmp.{os.getpid()}.npy"
-    np.save(tmp, x)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: np.save(tmp, x))
     sidecar = None
     if obs is not None:
         sidecar = os.path.splitext(path)[0] + ".csv"
-        tmp = f"{sidecar}.tmp.{os.getpid()}"
-        obs.to_csv(tmp, index=True, index_label="id")
-        os.replace(tmp, sidecar)
+        atomic_write(sidecar, lambda tmp: obs.to_csv(tmp, index=True, index_label="id"))
     return path, sidecar
 
 
@@ -266,9 +255,8 @@ def plot_embedding(coords, path: str, *, color=None, color_name: Optional[str] =
     ax.set_xticks([])
     ax.set_yticks([])
     fig.tight_layout()
-    _ensure_dir(path)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    fig.savefig(tmp, format="png", bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
+    finally:
+        plt.close(fig)
     return path

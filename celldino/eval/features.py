@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from celldino.files import atomic_torch_save, atomic_write_text
+
 from . import _dist
 
 logger = logging.getLogger("celldino")
@@ -272,12 +274,6 @@ def _fingerprint(model, dataset, options, n, autocast_dtype) -> dict:
             "transform": repr(getattr(dataset, "transform", None))}
 
 
-def _atomic_save(obj, path):
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _chunk_path(cache_dir, start, end):
     return os.path.join(cache_dir, f"chunk_{start:010d}_{end:010d}.pt")
 
@@ -294,10 +290,7 @@ def _prepare_cache(cache_dir, fingerprint, group):
                 raise ValueError(f"feature cache {cache_dir} holds features of another run (differs in {diff}); "
                                  "delete it or choose another cache directory")
         else:
-            tmp = meta_path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(fingerprint, f, indent=1)
-            os.replace(tmp, meta_path)
+            atomic_write_text(meta_path, json.dumps(fingerprint, indent=1))
     _dist.barrier(group)
 
 
@@ -401,7 +394,7 @@ def extract_features(model: nn.Module, dataset, *, kind: str = "cls", n_last_blo
                                           num_workers=num_workers, device=device, pbar=pbar, where=where)
             labels_t = _labels_tensor(labels)
             if cache_dir is not None:
-                _atomic_save({"features": feats, "labels": labels_t, "start": start, "end": end},
+                atomic_torch_save({"features": feats, "labels": labels_t, "start": start, "end": end},
                              _chunk_path(cache_dir, start, end))
             else:
                 computed[(start, end)] = (feats, labels_t)

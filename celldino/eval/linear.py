@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from celldino.files import atomic_torch_save
+
 from . import _dist
 from .knn import _leave_one_out_folds, _leave_one_out_inputs, infer_num_classes, labels_to_tensor
 from .metrics import compute_metric, parse_metric_type
@@ -185,12 +187,6 @@ def _all_reduce_grads(params, group) -> None:
             p.grad.copy_(g.to(p.grad.device) / world)
 
 
-def _atomic_torch_save(obj, path):
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def train_linear_heads(heads: LinearHeadGrid, batches: Callable[[int], Iterator[Tuple[torch.Tensor, torch.Tensor]]],
                        *, max_iter: int, loss_type: str = "cross_entropy", device=None,
                        checkpoint_path: Optional[str] = None, checkpoint_period: int = 0, resume: bool = True,
@@ -219,7 +215,7 @@ def train_linear_heads(heads: LinearHeadGrid, batches: Callable[[int], Iterator[
 
     def save(iteration):
         if checkpoint_path and _dist.is_main_process(group):
-            _atomic_torch_save({"iteration": iteration, "names": heads.names, "weight": heads.weight.detach().cpu(),
+            atomic_torch_save({"iteration": iteration, "names": heads.names, "weight": heads.weight.detach().cpu(),
                                 "bias": heads.bias.detach().cpu(), "optimizer": opt.state_dict()}, checkpoint_path)
 
     pbar = None

@@ -19,9 +19,10 @@ import logging
 import os
 import pickle
 import re
-import tempfile
 
 import torch
+
+from celldino.files import atomic_write
 
 from .layers.mlp import swiglu_hidden_features
 from .vision_transformer import ARCHS, chunk_layout
@@ -329,20 +330,6 @@ def decode_metadata(metadata):
     return out
 
 
-def _atomic_write(path, write):
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _plain_tensors(state_dict):
     # contiguous, unshared CPU copies: safetensors refuses shared storage and views
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
@@ -351,11 +338,11 @@ def _plain_tensors(state_dict):
 def save_safetensors(state_dict, path, metadata=None):
     from safetensors.torch import save_file
     tensors = _plain_tensors(state_dict)
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=encode_metadata(metadata or {})))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=encode_metadata(metadata or {})))
     return path
 
 
 def save_pth(state_dict, path):
     tensors = _plain_tensors(state_dict)
-    _atomic_write(path, lambda tmp: torch.save(tensors, tmp))
+    atomic_write(path, lambda tmp: torch.save(tensors, tmp))
     return path

@@ -27,6 +27,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 from torch.distributed.checkpoint.stateful import Stateful
 
+from celldino.files import atomic_torch_save
+
 from . import distributed
 
 logger = logging.getLogger("celldino")
@@ -191,10 +193,7 @@ def export_teacher(model, cfg, output_dir, tag):
     state = {k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.cpu() for k, v in state.items()}
     out = Path(output_dir) / "eval" / tag
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "teacher_checkpoint.pth"
-    tmp = out / ".teacher_checkpoint.pth.tmp"
-    torch.save({"teacher": state}, tmp)
-    os.replace(tmp, path)
+    path = atomic_torch_save({"teacher": state}, out / "teacher_checkpoint.pth")
     backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     save_safetensors(backbone, out / "teacher_backbone.safetensors",
                      metadata=_backbone_metadata(model.teacher.backbone, cfg))
