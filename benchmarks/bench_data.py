@@ -8,6 +8,8 @@ Rows (op "decode+augment", images/s in items_per_s, speed-up vs the reference ro
   celldino_torch   tifffile decode + celldino.data.augment.CellAugmentationDINO (crop first, then the pixel ops), 1 thread.
   cpp              tifffile decode + the fused C++ augmentation (celldino._C via celldino.data.fused_augment), 1 thread;
                    skipped (note says why) until that extension is built.
+  tifffile_threads+cuda_aug   tifffile decode on every CPU core (threads, as DataLoader workers would) + the fused
+                   CUDA multi-crop on the GPU: the GPU path when DALI is not installed; needs a GPU.
   dali_gpu+aug     DALI GPU decode (DaliTiffLoader, mixed backend) + GPU multi-crop (the fused CUDA kernel when built,
                    else a batched torch grid_sample stand-in, named in the note); needs a GPU.
 Rows (op "decode"): tifffile (1 thread), dali_cpu (DALI CPU backend, 1 thread), dali_gpu.
@@ -38,9 +40,24 @@ def add_arguments(parser):
     parser.add_argument("--data-size", type=int, default=None,
                         help="field side in pixels (default 1080 on GPU, 320 on CPU / --quick)")
     parser.add_argument("--data-batch", type=int, default=32, help="DALI batch size on GPU")
+    parser.add_argument("--data-fields", default=None, metavar="C:COMPRESSION[,...]",
+                        help="field kinds to time (default all: 4:none,4:deflate,5:none,5:deflate)")
 
 
 # ------------------------------------------------------------------------------------------------ inputs
+
+
+def _fields(text):
+    """--data-fields 'C:COMPRESSION,...' -> [(C, compression)] (None: FIELDS)."""
+    if not text:
+        return FIELDS
+    fields = []
+    for item in text.split(","):
+        channels, _, comp = item.strip().partition(":")
+        if not channels.isdigit() or comp not in ("none", "deflate"):
+            raise ValueError(f"--data-fields {item!r}: expected CHANNELS:none or CHANNELS:deflate")
+        fields.append((int(channels), comp))
+    return fields
 
 
 def synthetic_field(rng, channels, size):
@@ -198,6 +215,11 @@ def _fused_multicrop():
     return fn, None
 
 
+def _cuda_built():
+    from celldino.data import fused_augment
+    return fused_augment.cuda_extension_available()
+
+
 # ------------------------------------------------------------------------------------------------ timing
 
 
@@ -251,7 +273,7 @@ def run(args):
     reference = ReferenceStyleCellAugmentation()
     rows = []
     with tempfile.TemporaryDirectory(prefix="celldino_bench_data_") as tmp:
-        for channels, comp in FIELDS:
+        for channels, comp in _fields(getattr(args, "data_fields", None)):
             paths = write_fields(tmp, channels, comp, n_images, size)
             shape = f"{channels}x{size}x{size}"
             mb = sum(os.path.getsize(p) for p in paths) / len(paths) / 2**20
@@ -293,6 +315,26 @@ def run(args):
                     add("decode+augment", "cpp", t, len(sub), "reference", t_ref[0], "celldino._C, 1 thread")
                 else:
                     add("decode+augment", "cpp", NAN, 0, "reference", None, f"skipped: {fused_why}")
+
+            # ---- GPU without DALI: tifffile on every core (what DataLoader workers do) + the CUDA multi-crop
+            if on_gpu and fused is not None and _cuda_built():
+                threads = os.cpu_count() or 4
+                seeds_t = iter(range(10**9))
+
+                def threads_epoch():
+                    with ThreadPoolExecutor(threads) as pool:
+                        for start in range(0, n_images, batch):
+                            imgs = list(pool.map(tifffile_decode, paths[start:start + batch]))
+                            dev = torch.stack(imgs).pin_memory().to(gpu_dev, non_blocking=True)
+                            fused(dev, _sample_params([tuple(dev.shape[1:])] * dev.shape[0], next(seeds_t)))
+
+                t = _time(threads_epoch, rep, sync=True)
+                add("decode+augment", "tifffile_threads+cuda_aug", t, n_images, "reference",
+                    t_ref[0] * n_images / len(sub), f"tifffile on {threads} CPU threads, fused CUDA kernel, batch "
+                    f"{batch}; speed-up is per GPU (+ its CPU cores) vs the reference per core", device=gpu_dev)
+            elif on_gpu:
+                add("decode+augment", "tifffile_threads+cuda_aug", NAN, 0, "reference", None,
+                    "skipped: celldino._C built without CUDA")
 
             # ---- GPU: DALI mixed decode (+ multi-crop on the GPU)
             if not on_gpu or not has_dali:

@@ -53,11 +53,23 @@ def add_arguments(parser):
     parser.add_argument("--train-profile-steps", type=int, default=3, help="profiled steps (after 1 warm-up)")
     parser.add_argument("--train-profile-trace-mb", type=float, default=10.0,
                         help="skip writing a trace over this many MB gzipped (0 = no limit)")
+    parser.add_argument("--train-variant", action="append", default=[], metavar="NAME=KEY=VALUE[,KEY=VALUE]",
+                        help="also time the celldino trainer with these config overrides, as provider "
+                             "celldino[NAME] in the same run (repeatable), e.g. nofsdp=train.fsdp=false")
 
 
-def _cfg(args, batch, on_gpu):
+def parse_variant(text):
+    """'NAME=KEY=VALUE[,KEY=VALUE...]' -> (NAME, [KEY=VALUE, ...])."""
+    name, sep, rest = text.partition("=")
+    overrides = [o.strip() for o in rest.split(",") if o.strip()]
+    if not sep or not name.strip() or not overrides or any("=" not in o for o in overrides):
+        raise ValueError(f"--train-variant {text!r}: expected NAME=KEY=VALUE[,KEY=VALUE...]")
+    return name.strip(), overrides
+
+
+def _cfg(args, batch, on_gpu, extra=()):
     from celldino.config import load_config
-    overrides = [f"train.batch_size_per_gpu={batch}", "train.num_workers=0"]
+    overrides = [f"train.batch_size_per_gpu={batch}", "train.num_workers=0", *extra]
     if on_gpu and not getattr(args, "quick", False):
         return load_config(getattr(args, "train_config", None) or "cell_dino/vitl16_hpaone", overrides)
     return load_config(None, TINY + overrides + ["train.device=cpu"] * (not on_gpu))
@@ -234,9 +246,32 @@ def _reset_mem(device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def run(args):
+def _time_trainer(args, cfg, provider, device, batch_size, warmup, steps, profile=True):
+    """((median, p20, p80) ms, peak MB, dtype, mode) of Trainer.train_step on one fixed batch, and the step FLOPs."""
     from celldino.train.metrics import ssl_step_flops
     from celldino.train.trainer import Trainer
+    out = tempfile.mkdtemp(prefix="bench_train_")
+    _reset_mem(device)
+    trainer = Trainer(cfg, out, resume=False)
+    try:
+        batch = make_batch(trainer.cfg, device, trainer.plan.input_dtype)
+        n_masked = int(batch["mask_indices_list"].shape[0])
+        flops, _ = ssl_step_flops(trainer.model, trainer.cfg, batch_size, n_masked)
+        trainer_warmup = warmup + (2 if trainer.plan.compile else 0)
+        timing = _time_steps(trainer.train_step, batch, trainer_warmup, steps, device)
+        result = (timing, _peak_mem(device), str(trainer.plan.student["backbone"].param_dtype),
+                  "compile" if trainer.plan.compile else "eager")
+        if profile:
+            _profile(args, provider, trainer.train_step, batch, trainer_warmup + steps, device, batch_size)
+    finally:
+        trainer.close()
+        del trainer
+        shutil.rmtree(out, ignore_errors=True)
+        _reset_mem(device)
+    return result, flops
+
+
+def run(args):
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
     quick = getattr(args, "quick", False) or not on_gpu
@@ -248,37 +283,30 @@ def run(args):
         # tiny LayerScale (1e-5) gradients underflow to fp32 denormals, which x86 CPUs process ~100x slower
         # (GPUs do not): flush them for both providers so the CPU rows time the code, not denormal stalls
         torch.set_flush_denormal(True)
+    variants = [parse_variant(v) for v in getattr(args, "train_variant", None) or []]
     rows = []
     for batch_size in batches:
         cfg = _cfg(args, batch_size, on_gpu)
         shape = (f"{cfg.student.arch}/{cfg.student.patch_size} C={cfg.student.in_chans} B={batch_size} "
                  f"2x{cfg.crops.global_crops_size}+{cfg.crops.local_crops_number}x{cfg.crops.local_crops_size} "
                  f"K={cfg.dino.head_n_prototypes}")
-        results = {}
-        # celldino first (it owns the 1-rank process group on a GPU), then the baseline
-        out = tempfile.mkdtemp(prefix="bench_train_")
-        _reset_mem(device)
-        trainer = Trainer(cfg, out, resume=False)
-        try:
-            batch = make_batch(trainer.cfg, device, trainer.plan.input_dtype)
-            n_masked = int(batch["mask_indices_list"].shape[0])
-            flops, _ = ssl_step_flops(trainer.model, trainer.cfg, batch_size, n_masked)
-            trainer_warmup = warmup + (2 if trainer.plan.compile else 0)
-            timing = _time_steps(trainer.train_step, batch, trainer_warmup, steps, device)
-            results["celldino"] = (timing, _peak_mem(device), str(trainer.plan.student["backbone"].param_dtype),
-                                   "compile" if trainer.plan.compile else "eager")
-            _profile(args, "celldino", trainer.train_step, batch, trainer_warmup + steps, device, batch_size)
-        finally:
-            trainer.close()
-            del trainer
-            shutil.rmtree(out, ignore_errors=True)
-        _reset_mem(device)
+        results, notes = {}, {}
+        # celldino first (it owns the 1-rank process group on a GPU), then its variants, then the baseline
+        results["celldino"], flops = _time_trainer(args, cfg, "celldino", device, batch_size, warmup, steps)
+        for name, overrides in variants:
+            provider = f"celldino[{name}]"
+            try:
+                results[provider], _ = _time_trainer(args, _cfg(args, batch_size, on_gpu, overrides), provider,
+                                                     device, batch_size, warmup, steps, profile=False)
+                notes[provider] = "; " + " ".join(overrides)
+            except Exception:  # noqa: BLE001 - a failing experiment must not cost the other rows
+                print(f"[train] variant {provider} failed:\n{traceback.format_exc()}", file=sys.stderr)
         ref = ReferenceStyleStep(cfg, device)
         ref_batch = make_batch(cfg, device, torch.float16 if on_gpu else torch.float32)
         timing = _time_steps(ref.train_step, ref_batch, warmup, steps, device)
         results["reference-style"] = (timing, _peak_mem(device), "fp16-autocast" if on_gpu else "float32", "eager")
         base_ms = results["reference-style"][0][0]
-        for provider in ("reference-style", "celldino"):
+        for provider in ["reference-style", "celldino"] + [p for p in results if p.startswith("celldino[")]:
             timing, mem, dtype, mode = results[provider]
             tflops = flops / timing[0] / 1e9
             mfu = f"MFU {tflops / peak:.1%}" if peak else "MFU n/a (no bf16 peak for this device)"
@@ -287,7 +315,7 @@ def run(args):
                 items=batch_size, peak_mem_mb=mem, baseline="reference-style" if provider != "reference-style" else "",
                 baseline_ms=base_ms if provider != "reference-style" else None, device=device,
                 note=f"{1e3 / timing[0]:.2f} steps/s; {mfu}; model FLOPs {flops / 1e12:.3f} T/step"
-                     + ("" if on_gpu else "; CPU smoke size")))
+                     + notes.get(provider, "") + ("" if on_gpu else "; CPU smoke size")))
         if not math.isfinite(base_ms):
             raise RuntimeError("reference-style step time is not finite")
         # after the rows are made, so a time limit hitting the profile still leaves this batch's rows

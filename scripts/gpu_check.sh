@@ -6,6 +6,8 @@
 #   bash scripts/gpu_check.sh [total_seconds]      (default 560)
 #   STAGES="test_kernels_eval bench_knn" bash scripts/gpu_check.sh 200     (only the named stages; install and
 #                                                                          import always run)
+# Extra arguments: TRAIN_ARGS (e.g. "--train-variant nofsdp=train.fsdp=false"), DATA_ARGS, KNN_ARGS, KOLEO_ARGS,
+# SINKHORN_ARGS, AUGMENT_ARGS; stage limits TRAIN_LIMIT, AUGMENT_LIMIT, DATA_LIMIT (seconds).
 #
 # Writes under $OUT (or ./gpu_check_out): gpu_check.log, results.tgz (benchmark CSVs + REPORT.md, pytest junit
 # XML, build log, bench_train's profiler output in results/profile/), refreshed after every stage. Python
@@ -20,7 +22,7 @@ OUT=${OUT:-$PWD/gpu_check_out}
 WORK=/tmp/celldino_gpu
 mkdir -p "$OUT" "$WORK/results" "$WORK/junit"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/.devsite${PYTHONPATH:+:$PYTHONPATH}"
-export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=12
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=6
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 
 pack() { tar czf "$OUT/results.tgz" -C "$WORK" results junit build.log 2>/dev/null; }
@@ -61,12 +63,12 @@ BENCH=(python3 -m celldino.benchmarks.run_all --results-dir "$WORK/results")
 stage bench_attention 110 "${BENCH[@]}" attention --attn-layouts vitl16 vitl14
 # --train-profile: where the step's time goes (top-40 kernels, category breakdown, traces of at most
 # TRAIN_TRACE_MB each, gzipped: results.tgz must come back under 16 MiB) into results/profile, packed with the CSVs
-stage bench_train 170 "${BENCH[@]}" train --train-batch 32 --train-steps 10 \
-    --train-profile "$WORK/results/profile" --train-profile-trace-mb "${TRAIN_TRACE_MB:-5}"
+stage bench_train ${TRAIN_LIMIT:-170} "${BENCH[@]}" train --train-batch 32 --train-steps 10 \
+    --train-profile "$WORK/results/profile" --train-profile-trace-mb "${TRAIN_TRACE_MB:-5}" ${TRAIN_ARGS:-}
 stage bench_sinkhorn 45 "${BENCH[@]}" sinkhorn ${SINKHORN_ARGS:-}
 stage bench_koleo 35 "${BENCH[@]}" koleo ${KOLEO_ARGS:-}
 
-if [[ -z "${STAGES:-}" || " $STAGES " == *" test_augment "* || " $STAGES " == *" bench_augment "* ]]; then
+if [[ -z "${STAGES:-}" || " $STAGES " =~ " "(test_augment|bench_augment|bench_data)" " ]]; then
     wait "$BUILD_PID"; tail -3 "$WORK/build.log"
 fi
 stage test_augment 60 "${PYTEST[@]}" tests/data --junitxml "$WORK/junit/data.xml"
@@ -74,9 +76,9 @@ stage test_augment 60 "${PYTEST[@]}" tests/data --junitxml "$WORK/junit/data.xml
 stage train_smoke 90 python3 -m celldino train --config-file demo --output-dir "$WORK/train_smoke" \
     "train.dataset_path=CSV:path=$PWD/data/sample/stain_task/stain_task.csv" train.stop_after_iters=30 train.num_workers=4
 cp "$WORK/train_smoke/training_metrics.json" "$WORK/results/train_smoke_metrics.json" 2>/dev/null; pack
-stage bench_augment 40 "${BENCH[@]}" augment
+stage bench_augment ${AUGMENT_LIMIT:-40} "${BENCH[@]}" augment ${AUGMENT_ARGS:-}
 stage bench_knn 60 "${BENCH[@]}" knn ${KNN_ARGS:-}
-stage bench_data 30 "${BENCH[@]}" data
+stage bench_data ${DATA_LIMIT:-30} "${BENCH[@]}" data ${DATA_ARGS:-}
 
 echo "### summary"; cat "$WORK/summary"; ls -l "$WORK/results"
 pack

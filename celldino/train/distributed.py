@@ -44,12 +44,17 @@ def select_device(requested="auto", local_rank=0):
     return torch.device("cpu")
 
 
-def init(device, timeout_minutes=30):
-    """Initialise the default process group when needed; returns (rank, world_size, we_created_it)."""
+def init(device, timeout_minutes=30, single_process_group=None):
+    """Initialise the default process group when needed; returns (rank, world_size, we_created_it).
+
+    single_process_group: whether a lone process gets a 1-rank group anyway (FSDP2 then runs on it); None (auto):
+    a lone GPU process does (as the reference always creates a group), a lone CPU process does not."""
     rank, world, _ = env_world()
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), False
-    if world == 1 and device.type == "cpu":
+    if single_process_group is None:
+        single_process_group = device.type == "cuda"
+    if world == 1 and not single_process_group:
         return 0, 1, False
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = datetime.timedelta(minutes=timeout_minutes)

@@ -66,6 +66,13 @@ def _truthy(value, auto):
     raise ValueError(f"expected true, false or auto, got {value!r}")
 
 
+def fsdp_setting(cfg):
+    """train.fsdp: True / False, or None for auto (FSDP2 on every GPU run, one rank included; never for a lone CPU
+    process)."""
+    value = cfg.train.get("fsdp", "auto")
+    return None if value is None or str(value).lower() == "auto" else _truthy(value, auto=None)
+
+
 def make_plan(cfg, device, distributed):
     """The ParallelPlan of a config (compute_precision.* and train.* keys) on `device`.
 

@@ -33,7 +33,7 @@ from .checkpointing import TrainState, clean_partial_saves, export_teacher, load
 from .data import build_train_loader, derive_seed
 from .metrics import MetricsWriter, Progress, SmoothedValue, peak_memory_mb, peak_tflops, ssl_step_flops
 from .optim import apply_optim_scheduler, build_optimizer
-from .parallel import make_plan, parallelize
+from .parallel import fsdp_setting, make_plan, parallelize
 from .schedules import build_schedulers
 from .ssl_meta_arch import SSLMetaArch
 
@@ -115,7 +115,12 @@ class Trainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         _, _, local_rank = distributed.env_world()
         self.device = distributed.select_device(cfg.train.get("device", "auto"), local_rank)
-        self.rank, self.world_size, self._owns_group = distributed.init(self.device)
+        use_fsdp = fsdp_setting(cfg)
+        if use_fsdp is False and distributed.env_world()[1] > 1:
+            raise ValueError(f"train.fsdp=false runs one process only; this launch has "
+                             f"{distributed.env_world()[1]} (use train.fsdp=auto or true)")
+        self.rank, self.world_size, self._owns_group = distributed.init(self.device,
+                                                                        single_process_group=use_fsdp)
         self.is_main = self.rank == 0
         self._log_handlers = setup_logging(self.output_dir, self.rank)
         self.writer = None
@@ -133,7 +138,8 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True  # as the reference
             torch.backends.cudnn.allow_tf32 = True
 
-        self.plan = make_plan(cfg, self.device, distributed=distributed.is_initialized())
+        self.plan = make_plan(cfg, self.device,
+                              distributed=distributed.is_initialized() and fsdp_setting(cfg) is not False)
         torch.manual_seed(int(cfg.train.seed))  # identical initial weights on every rank
         model = SSLMetaArch(cfg)
         self.n_params = sum(p.numel() for p in model.student.backbone.parameters())
