@@ -2,9 +2,10 @@
 
 Providers (same architecture and initial weights, same pre-collated batch already on the device, so the data
 pipeline is not measured here: see bench_data):
-- `celldino`: `Trainer.train_step` as `celldino train` runs it: FSDP2 (1 rank) with bf16 params / fp32 reduction
-  and per-block torch.compile on a GPU (fp32, eager on CPU); all crops in one packed token stream with the fused
-  multi-crop attention, heads on one concatenated buffer, fused losses / KoLeo / Sinkhorn kernels, fused AdamW,
+- `celldino`: `Trainer.train_step` as `celldino train` runs it in one process: unsharded, bf16 autocast and
+  per-block torch.compile on a GPU (fp32, eager on CPU; `--train-variant fsdp=train.fsdp=true` adds the 1-rank
+  FSDP2 step with bf16 params / fp32 reduction that multi-GPU runs take); all crops in one packed token stream with
+  the fused multi-crop attention, heads on one concatenated buffer, fused losses / KoLeo / Sinkhorn kernels, fused AdamW,
   foreach EMA, no host sync in the step.
 - `reference-style` (the baseline): built here the way the reference runs without xFormers: eager, no compile,
   fp16 autocast + GradScaler on a GPU, fp32 master weights; global and local crops through the backbone in

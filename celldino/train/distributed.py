@@ -44,16 +44,14 @@ def select_device(requested="auto", local_rank=0):
     return torch.device("cpu")
 
 
-def init(device, timeout_minutes=30, single_process_group=None):
+def init(device, timeout_minutes=30, single_process_group=False):
     """Initialise the default process group when needed; returns (rank, world_size, we_created_it).
 
-    single_process_group: whether a lone process gets a 1-rank group anyway (FSDP2 then runs on it); None (auto):
-    a lone GPU process does (as the reference always creates a group), a lone CPU process does not."""
+    single_process_group: whether a lone process gets a 1-rank group anyway (train.fsdp=true: FSDP2 then runs on
+    it, as the reference always creates a group); by default a lone process has none and runs unsharded."""
     rank, world, _ = env_world()
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), False
-    if single_process_group is None:
-        single_process_group = device.type == "cuda"
     if world == 1 and not single_process_group:
         return 0, 1, False
     backend = "nccl" if device.type == "cuda" else "gloo"

@@ -120,7 +120,7 @@ class Trainer:
             raise ValueError(f"train.fsdp=false runs one process only; this launch has "
                              f"{distributed.env_world()[1]} (use train.fsdp=auto or true)")
         self.rank, self.world_size, self._owns_group = distributed.init(self.device,
-                                                                        single_process_group=use_fsdp)
+                                                                        single_process_group=use_fsdp is True)
         self.is_main = self.rank == 0
         self._log_handlers = setup_logging(self.output_dir, self.rank)
         self.writer = None

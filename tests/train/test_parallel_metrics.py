@@ -87,3 +87,31 @@ def test_smoothed_value_median_is_the_lower_middle_like_torch():
     assert list(meter.window) == [1.0, 4.0, 2.0, 3.0]
     assert meter.median == torch.tensor([1.0, 4.0, 2.0, 3.0]).median().item() == 2.0
     assert meter.avg == 2.5 and meter.global_avg == 3.0
+
+
+def test_fsdp_setting_one_process(tmp_path, monkeypatch):
+    """train.fsdp: auto and false train one process unsharded; true shards it over a 1-rank (gloo) group with the
+    same fp32 losses; false with several processes is refused before any group is made."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from celldino.train import distributed
+    from celldino.train.trainer import Trainer
+
+    overrides = ("optim.epochs=1", "train.OFFICIAL_EPOCH_LENGTH=3")
+    histories = {}
+    for setting in ("auto", "false", "true"):
+        trainer = Trainer(tiny_cfg(*overrides, f"train.fsdp={setting}"), tmp_path / setting)
+        try:
+            sharded = any(isinstance(m, FSDPModule) for m in trainer.model.modules())
+            assert sharded == (setting == "true") and distributed.is_initialized() == (setting == "true")
+            histories[setting] = trainer.run()["loss_history"]
+        finally:
+            trainer.close()
+    assert histories["false"] == histories["auto"]
+    for (_, a), (_, b) in zip(histories["true"], histories["auto"]):
+        assert a == pytest.approx(b, rel=1e-5)
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="train.fsdp=false runs one process only"):
+        Trainer(tiny_cfg(*overrides, "train.fsdp=false"), tmp_path / "refused")
+    assert not distributed.is_initialized()

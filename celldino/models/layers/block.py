@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .attention import Attention
-from .drop_path import DropPath
+from .drop_path import DropPath, add_rows, gather_rows
 from .layer_scale import LayerScale
 from .mlp import Mlp
 from .packing import get_packed_layout, pack, unpack, subset_size
@@ -28,9 +28,8 @@ def drop_add_residual_stochastic_depth(x, residual_func, sample_drop_ratio=0.0):
     batch = x.shape[0]
     kept = subset_size(batch, sample_drop_ratio)
     subset = torch.randperm(batch, device=x.device)[:kept]
-    residual = residual_func(x[subset])
-    out = torch.index_add(x.flatten(1), 0, subset, residual.flatten(1).to(x.dtype), alpha=batch / kept)
-    return out.view_as(x)
+    residual = residual_func(gather_rows(x, subset))
+    return add_rows(x.flatten(1), subset, residual.flatten(1) * (batch / kept)).view_as(x)
 
 
 def drop_add_residual_packed(x, layout, residual_func, sample_drop_ratio):
@@ -39,6 +38,7 @@ def drop_add_residual_packed(x, layout, residual_func, sample_drop_ratio):
     For each input tensor i of the layout, a random subset of keeps[i] of its b_i crops is drawn; the tokens of all
     kept crops are gathered into one smaller packed stream, the residual branch runs once on it, and the result is
     added back to those rows scaled by b_i / keeps[i]. No host sync: the subset sizes depend only on the shapes.
+    The gather and the add-back are gather_rows / add_rows (no index_add atomics, forward or backward).
     """
     plan = layout.subset(sample_drop_ratio)
     rows = []
@@ -46,12 +46,9 @@ def drop_add_residual_packed(x, layout, residual_func, sample_drop_ratio):
         crops = torch.randperm(batch, device=x.device)[:kept]
         rows.append((offset + crops[:, None] * tokens + torch.arange(tokens, device=x.device)).reshape(-1))
     index = torch.cat(rows)
-    residual = residual_func(x.index_select(0, index), plan.layout).to(x.dtype)
+    residual = residual_func(gather_rows(x, index), plan.layout)
     parts = residual.split(plan.layout.token_counts)
-    out = torch.index_add(x, 0, rows[0], parts[0], alpha=plan.scales[0])
-    for row, part, scale in zip(rows[1:], parts[1:], plan.scales[1:]):
-        out.index_add_(0, row, part, alpha=scale)
-    return out
+    return add_rows(x, index, torch.cat([part * scale for part, scale in zip(parts, plan.scales)]))
 
 
 class Block(nn.Module):
