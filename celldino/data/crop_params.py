@@ -42,6 +42,7 @@ from .rng import ProcessLocalRNG
 __all__ = [
     "CropParams",
     "sample_crop_params",
+    "concat_crop_params",
     "CellCropSampler",
     "apply_crop_params_torch",
     "apply_all_crop_params_torch",
@@ -221,6 +222,47 @@ def sample_crop_params(
         n_global=n_global,
         n_local=n_local,
         protein_channel=protein_channel,
+    )
+
+
+def concat_crop_params(per_image: Sequence[CropParams]) -> CropParams:
+    """One batch's CropParams from single-image ones (each sampled for one image, e.g. with that sample's own
+    seeded generator): image b of the batch is per_image[b], rows crop-major; the per-channel factors of images
+    with fewer channels than the widest are padded with 1 (no change), as sample_crop_params does."""
+    if not per_image:
+        raise ValueError("concat_crop_params: no parameters")
+    first = per_image[0]
+    layout = (first.n_global, first.n_local, first.protein_channel)
+    for k, p in enumerate(per_image):
+        if p.n_images != 1:
+            raise ValueError(f"concat_crop_params: entry {k} holds {p.n_images} images, expected 1")
+        if (p.n_global, p.n_local, p.protein_channel) != layout:
+            raise ValueError(f"concat_crop_params: entry {k} has (n_global, n_local, protein_channel) "
+                             f"{(p.n_global, p.n_local, p.protein_channel)}, entry 0 {layout}")
+    b = len(per_image)
+    c_max = max(p.brightness.shape[1] for p in per_image)
+
+    def rows(name, pad_channels=False):
+        arrays = [getattr(p, name) for p in per_image]
+        if pad_channels:
+            arrays = [np.pad(a, ((0, 0), (0, c_max - a.shape[1])), constant_values=1.0) for a in arrays]
+        stacked = np.stack(arrays, axis=1)  # [slots, b, ...]: slot-major = crop-major
+        return np.ascontiguousarray(stacked.reshape(stacked.shape[0] * b, *stacked.shape[2:]))
+
+    n_slots = len(first)
+    return CropParams(
+        image_index=np.tile(np.arange(b, dtype=np.int32), n_slots),
+        box=rows("box"),
+        out_size=rows("out_size"),
+        flip=rows("flip"),
+        drop_channel=rows("drop_channel"),
+        protein_factor=rows("protein_factor"),
+        brightness=rows("brightness", pad_channels=True),
+        contrast=rows("contrast", pad_channels=True),
+        n_images=b,
+        n_global=first.n_global,
+        n_local=first.n_local,
+        protein_channel=first.protein_channel,
     )
 
 

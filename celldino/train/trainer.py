@@ -30,7 +30,7 @@ from celldino.config import apply_scaling_rules_to_cfg, save_config
 
 from . import distributed
 from .checkpointing import TrainState, clean_partial_saves, export_teacher, load_latest, save_checkpoint
-from .data import build_train_loader, derive_seed
+from .data import augment_on_device, augmentation_mode, build_train_loader, derive_seed
 from .metrics import MetricsWriter, Progress, SmoothedValue, peak_memory_mb, peak_tflops, ssl_step_flops
 from .optim import apply_optim_scheduler, build_optimizer
 from .parallel import fsdp_setting, make_plan, parallelize
@@ -138,6 +138,7 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True  # as the reference
             torch.backends.cudnn.allow_tf32 = True
 
+        self.augmentation = augmentation_mode(cfg, self.device)  # a bad setting fails before the model is built
         self.plan = make_plan(cfg, self.device,
                               distributed=distributed.is_initialized() and fsdp_setting(cfg) is not False)
         torch.manual_seed(int(cfg.train.seed))  # identical initial weights on every rank
@@ -309,7 +310,8 @@ class Trainer:
                            checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None)
             return summary
         if data is None:
-            data = build_train_loader(cfg, self.start_iter, self.rank, self.world_size, dtype=self.plan.input_dtype)
+            data = build_train_loader(cfg, self.start_iter, self.rank, self.world_size, dtype=self.plan.input_dtype,
+                                      device=self.device)
         meters = {"iter_time": SmoothedValue(), "data_time": SmoothedValue()}
         flops_cache = {}
         pending = []
@@ -323,7 +325,7 @@ class Trainer:
         try:
             tick = time.perf_counter()
             while iteration < self.max_iter:
-                batch = next(data_iter)
+                batch = augment_on_device(next(data_iter), self.device, self.plan.input_dtype)
                 data_time = time.perf_counter() - tick
                 if batch["iteration"] != iteration:
                     raise RuntimeError(f"data stream out of step: batch of iteration {batch['iteration']} "
