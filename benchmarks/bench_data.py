@@ -100,12 +100,13 @@ class ReferenceStyleCellAugmentation:
     0.15 did for tensors); then flips, per-channel brightness / contrast loops via torchvision functional, and
     self-normalisation. The only change: 16-bit input is divided by 65535 instead of 255."""
 
-    def __init__(self, divisor=65535.0, p=0.2, jitter=0.2):
+    def __init__(self, divisor=65535.0, p=0.2, jitter=0.2, global_size=GLOBAL_SIZE, local_size=LOCAL_SIZE,
+                 n_local=N_LOCAL, global_scale=GLOBAL_SCALE, local_scale=LOCAL_SCALE):
         from torchvision import transforms
 
-        self.divisor, self.p, self.jitter = divisor, p, jitter
-        self.rrc_global = transforms.RandomResizedCrop(GLOBAL_SIZE, scale=GLOBAL_SCALE, antialias=False)
-        self.rrc_local = transforms.RandomResizedCrop(LOCAL_SIZE, scale=LOCAL_SCALE, antialias=False)
+        self.divisor, self.p, self.jitter, self.n_local = divisor, p, jitter, n_local
+        self.rrc_global = transforms.RandomResizedCrop(global_size, scale=tuple(global_scale), antialias=False)
+        self.rrc_local = transforms.RandomResizedCrop(local_size, scale=tuple(local_scale), antialias=False)
         self.hflip, self.vflip = transforms.RandomHorizontalFlip(), transforms.RandomVerticalFlip()
 
     def _crop(self, image, rrc):
@@ -131,7 +132,7 @@ class ReferenceStyleCellAugmentation:
 
     def __call__(self, image):
         global_crops = [self._crop(image, self.rrc_global) for _ in range(2)]
-        local_crops = [self._crop(image, self.rrc_local) for _ in range(N_LOCAL)]
+        local_crops = [self._crop(image, self.rrc_local) for _ in range(self.n_local)]
         return {"global_crops": global_crops, "global_crops_teacher": global_crops, "local_crops": local_crops,
                 "offsets": ()}
 

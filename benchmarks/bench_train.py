@@ -34,7 +34,7 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-from . import common, step_profile
+from . import common, step_profile, train_e2e
 
 TINY = ["student.arch=vit_small", "student.embed_dim=64", "student.depth=2", "student.num_heads=2",
         "student.patch_size=8", "student.in_chans=4", "teacher.in_chans=4", "crops.global_crops_size=32",
@@ -54,6 +54,13 @@ def add_arguments(parser):
     parser.add_argument("--train-profile-steps", type=int, default=3, help="profiled steps (after 1 warm-up)")
     parser.add_argument("--train-profile-trace-mb", type=float, default=10.0,
                         help="skip writing a trace over this many MB gzipped (0 = no limit)")
+    parser.add_argument("--train-e2e-steps", type=int, default=None,
+                        help="end-to-end rows (data pipeline + step, train_e2e.py): timed steps per provider "
+                             "(GPU 12, CPU 2; 0 = skip)")
+    parser.add_argument("--train-e2e-workers", type=int, default=None,
+                        help="DataLoader workers of every end-to-end provider (GPU: min(10, cores - 2); CPU 0)")
+    parser.add_argument("--train-e2e-fields", type=int, default=None, help="TIFF fields written (GPU 128, CPU 8)")
+    parser.add_argument("--train-e2e-size", type=int, default=None, help="field side in pixels (GPU 512, CPU 64)")
     parser.add_argument("--train-variant", action="append", default=[], metavar="NAME=KEY=VALUE[,KEY=VALUE]",
                         help="also time the celldino trainer with these config overrides, as provider "
                              "celldino[NAME] in the same run (repeatable), e.g. nofsdp=train.fsdp=false")
@@ -321,6 +328,26 @@ def run(args):
             raise RuntimeError("reference-style step time is not finite")
         # after the rows are made, so a time limit hitting the profile still leaves this batch's rows
         _profile(args, "reference-style", ref.train_step, ref_batch, warmup + steps, device, batch_size)
-        del ref
+        del ref, ref_batch
         _reset_mem(device)
+        rows += _end_to_end(args, batch_size, on_gpu, device, shape, flops, peak)
     return rows
+
+
+def _end_to_end(args, batch_size, on_gpu, device, shape, flops, peak):
+    """The ssl_step+data rows (train_e2e.py) of one batch size; [] when --train-e2e-steps 0."""
+    steps = getattr(args, "train_e2e_steps", None)
+    steps = (12 if on_gpu else 2) if steps is None else steps
+    if steps <= 0:
+        return []
+    workers = getattr(args, "train_e2e_workers", None)
+    workers = train_e2e.default_workers(on_gpu) if workers is None else workers
+    n_fields = getattr(args, "train_e2e_fields", None) or (128 if on_gpu else 8)
+    size = getattr(args, "train_e2e_size", None) or (512 if on_gpu else 64)
+    results = train_e2e.measure(lambda extra: _cfg(args, batch_size, on_gpu, extra), ReferenceStyleStep, device,
+                                batch_size, steps, workers, n_fields, size)
+    made = train_e2e.rows(results, shape, flops, batch_size, peak, device, workers, size, n_fields, on_gpu)
+    for r in made:
+        print(f"  train e2e {r['provider']}: {r['items_per_s'] or 'skipped'} img/s "
+              f"{('x' + str(r['speedup_vs_baseline'])) if r['speedup_vs_baseline'] else ''}", flush=True)
+    return made

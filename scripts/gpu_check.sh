@@ -49,7 +49,8 @@ python3 -c "import sys, torch, triton; print(sys.version.split()[0], torch.__ver
 # Editable install without the extension (seconds), then the CUDA extension built in place in the background
 # while the kernel tests run (they do not need it).
 stage install 90 env CELLDINO_NO_EXTENSION=1 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e .
-( timeout 240 python3 setup.py build_ext --inplace > "$WORK/build.log" 2>&1; echo "build rc=$?" >> "$WORK/build.log" ) &
+( t0=$(date +%s); timeout 240 python3 setup.py build_ext --inplace > "$WORK/build.log" 2>&1
+  echo "build rc=$? in $(( $(date +%s) - t0 ))s" >> "$WORK/build.log" ) &
 BUILD_PID=$!
 stage import 30 python3 -c "import celldino.kernels, celldino.train.trainer, celldino.benchmarks.run_all; print('imports ok')"
 
@@ -61,17 +62,18 @@ stage test_kernels_eval 150 "${PYTEST[@]}" tests/kernels tests/eval --junitxml "
 
 BENCH=(python3 -m celldino.benchmarks.run_all --results-dir "$WORK/results")
 stage bench_attention 110 "${BENCH[@]}" attention --attn-layouts vitl16 vitl14
-# --train-profile: where the step's time goes (top-40 kernels, category breakdown, traces of at most
-# TRAIN_TRACE_MB each, gzipped: results.tgz must come back under 16 MiB) into results/profile, packed with the CSVs
-stage bench_train ${TRAIN_LIMIT:-170} "${BENCH[@]}" train --train-batch 32 --train-steps 10 \
-    --train-profile "$WORK/results/profile" --train-profile-trace-mb "${TRAIN_TRACE_MB:-5}" ${TRAIN_ARGS:-}
 stage bench_sinkhorn 45 "${BENCH[@]}" sinkhorn ${SINKHORN_ARGS:-}
 stage bench_koleo 35 "${BENCH[@]}" koleo ${KOLEO_ARGS:-}
 
-if [[ -z "${STAGES:-}" || " $STAGES " =~ " "(test_augment|bench_augment|bench_data)" " ]]; then
+# everything below needs celldino._C (bench_train's end-to-end rows cut crops with its CUDA kernel)
+if [[ -z "${STAGES:-}" || " $STAGES " =~ " "(test_augment|bench_train|train_smoke|bench_augment|bench_data)" " ]]; then
     wait "$BUILD_PID"; tail -3 "$WORK/build.log"
 fi
-stage test_augment 60 "${PYTEST[@]}" tests/data --junitxml "$WORK/junit/data.xml"
+stage test_augment 60 "${PYTEST[@]}" tests/data tests/train tests/models --junitxml "$WORK/junit/data.xml"
+# --train-profile: where the step's time goes (top-40 kernels, category breakdown, traces of at most
+# TRAIN_TRACE_MB each, gzipped: results.tgz must come back under 16 MiB) into results/profile, packed with the CSVs
+stage bench_train ${TRAIN_LIMIT:-300} "${BENCH[@]}" train --train-batch 32 --train-steps 10 \
+    --train-profile "$WORK/results/profile" --train-profile-trace-mb "${TRAIN_TRACE_MB:-5}" ${TRAIN_ARGS:-}
 # the real trainer end to end on the GPU (data loader, compile, checkpoint, teacher export) on the bundled sample
 stage train_smoke 90 python3 -m celldino train --config-file demo --output-dir "$WORK/train_smoke" \
     "train.dataset_path=CSV:path=$PWD/data/sample/stain_task/stain_task.csv" train.stop_after_iters=30 train.num_workers=4

@@ -11,13 +11,29 @@ def test_bench_train_rows_on_cpu():
     if torch.cuda.is_available():
         pytest.skip("the GPU run is a benchmark, not a test")
     try:
-        rows = bench_train.run(argparse.Namespace(quick=True, train_batch=[2], train_steps=2))
+        rows = bench_train.run(argparse.Namespace(quick=True, train_batch=[2], train_steps=2,
+                                                  train_variant=["ac=train.activation_checkpointing=full"]))
     finally:
         torch.set_flush_denormal(False)  # the benchmark turns it on for CPU timing; restore the default
-    assert [r["provider"] for r in rows] == ["reference-style", "celldino"]
+    assert [r["provider"] for r in rows] == ["reference-style", "celldino", "celldino[ac]", "reference-style+data",
+                                             "celldino+fused_aug", "celldino+torch_aug"]
     for r in rows:
         assert r["bench"] == "train" and r["median_ms"] > 0 and r["items_per_s"] > 0 and r["tflops"] != ""
-    assert rows[1]["baseline"] == "reference-style" and rows[1]["speedup_vs_baseline"] > 0
+    assert [r["op"] for r in rows] == ["ssl_step"] * 3 + ["ssl_step+data"] * 3
+    for r in rows[1:3]:
+        assert r["baseline"] == "reference-style" and r["speedup_vs_baseline"] > 0
+    for r in rows[4:]:
+        assert r["baseline"] == "reference-style+data" and r["speedup_vs_baseline"] > 0
+        assert "DataLoader workers" in r["note"] and "waits" in r["note"]
+    assert "train.activation_checkpointing=full" in rows[2]["note"]
+
+
+def test_train_variant_parsing():
+    assert bench_train.parse_variant("zero3=compute_precision.sharding=zero3,train.fsdp=true") == (
+        "zero3", ["compute_precision.sharding=zero3", "train.fsdp=true"])
+    for bad in ("noequals", "name=", "=train.fsdp=true", "name=novalue"):
+        with pytest.raises(ValueError, match="expected NAME=KEY=VALUE"):
+            bench_train.parse_variant(bad)
 
 
 def test_reference_style_step_computes_the_same_loss_at_step_zero():
@@ -48,7 +64,7 @@ def test_train_profile_writes_trace_table_and_breakdown_per_provider(tmp_path, c
     import gzip
     import json
     args = argparse.Namespace(quick=True, train_batch=[2], train_steps=1, train_profile=str(tmp_path / "prof"),
-                              train_profile_steps=1, train_profile_trace_mb=10.0)
+                              train_profile_steps=1, train_profile_trace_mb=10.0, train_e2e_steps=0)
     try:
         rows = bench_train.run(args)
     finally:
