@@ -150,3 +150,22 @@ def test_row_gather_and_add_back_match_index_ops_in_float64(compiled):
         results.append((out.detach(), xr.grad, wr.grad))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_random_subset_is_a_uniform_draw_without_replacement():
+    from celldino.models.layers.drop_path import random_subset
+
+    torch.manual_seed(0)
+    batch, kept, draws = 10, 4, 5000
+    counts = torch.zeros(batch)
+    first = torch.zeros(batch)
+    for _ in range(draws):
+        subset = random_subset(batch, kept)
+        assert subset.shape == (kept,) and subset.unique().numel() == kept
+        assert int(subset.min()) >= 0 and int(subset.max()) < batch
+        counts[subset] += 1
+        first[subset[0]] += 1
+    # each index is kept with probability kept / batch and comes first with probability 1 / batch (random order)
+    expected = draws * kept / batch
+    assert (counts - expected).abs().max() < 5 * (expected * (1 - kept / batch)) ** 0.5
+    assert (first - draws / batch).abs().max() < 5 * (draws / batch) ** 0.5

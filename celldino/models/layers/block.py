@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .attention import Attention
-from .drop_path import DropPath, add_rows, gather_rows
+from .drop_path import DropPath, add_rows, gather_rows, random_subset
 from .layer_scale import LayerScale
 from .mlp import Mlp
 from .packing import get_packed_layout, pack, unpack, subset_size
@@ -27,7 +27,7 @@ def drop_add_residual_stochastic_depth(x, residual_func, sample_drop_ratio=0.0):
     """x + (B / kept) * residual_func(x[subset]) on a random subset of the batch (the rest gets no residual)."""
     batch = x.shape[0]
     kept = subset_size(batch, sample_drop_ratio)
-    subset = torch.randperm(batch, device=x.device)[:kept]
+    subset = random_subset(batch, kept, x.device)
     residual = residual_func(gather_rows(x, subset))
     return add_rows(x.flatten(1), subset, residual.flatten(1) * (batch / kept)).view_as(x)
 
@@ -43,7 +43,7 @@ def drop_add_residual_packed(x, layout, residual_func, sample_drop_ratio):
     plan = layout.subset(sample_drop_ratio)
     rows = []
     for (batch, tokens), kept, offset in zip(layout.shapes, plan.keeps, layout.token_offsets):
-        crops = torch.randperm(batch, device=x.device)[:kept]
+        crops = random_subset(batch, kept, x.device)
         rows.append((offset + crops[:, None] * tokens + torch.arange(tokens, device=x.device)).reshape(-1))
     index = torch.cat(rows)
     residual = residual_func(gather_rows(x, index), plan.layout)

@@ -35,6 +35,14 @@ class _AddRows(torch.autograd.Function):
         return grad, None, grad.index_select(0, index)
 
 
+def random_subset(batch, kept, device=None):
+    """`kept` distinct indices drawn uniformly from range(batch), in random order (the head of a random
+    permutation). Drawn as torch.rand(batch).argsort() rather than torch.randperm: on a GPU randperm runs a
+    multi-kernel radix sort with its own host work (~180 us per call under the profiler, 96 calls per ViT-L step),
+    where under torch.compile the uniform draw is generated inside a fused kernel and the sort is one op."""
+    return torch.rand(batch, device=device).argsort()[:kept]
+
+
 def gather_rows(x, index):
     """x[index] along dim 0; `index` must not repeat (a subset of rows)."""
     return _GatherRows.apply(x, index)
