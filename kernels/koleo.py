@@ -332,16 +332,28 @@ def koleo_loss_distributed_triton(x, eps=1e-8, group=None):
     return _KoLeoDistributedFn.apply(x, eps, group)
 
 
+# fp32 inputs from this many compared rows on go to the reference: the kernel's exact fp32 products lose to cuBLAS
+# there (fwd+bwd 0.18-0.42x at B = 4096 on an H200, 1.2-2.2x at the training batch B = 16; docs/kernels.md)
+FP32_REFERENCE_ROWS = 2048
+
+
+def _kernel_wins(x, compared_rows):
+    return x.dtype in _KERNEL_DTYPES and not (x.dtype == torch.float32 and compared_rows >= FP32_REFERENCE_ROWS)
+
+
 def koleo_loss(x, eps=1e-8):
     """KoLeo loss of a [B, D] batch (B >= 2): fp32 scalar on the Triton path, x's dtype on the reference."""
-    if x.dtype in _KERNEL_DTYPES and use_triton(x):
+    if _kernel_wins(x, x.shape[0]) and use_triton(x):
         return koleo_loss_triton(x, eps)
     return koleo_loss_reference(x, eps)
 
 
 def koleo_loss_distributed(x, eps=1e-8, group=None):
     """KoLeo of this rank's rows against the all-gathered batch of `group` (the plain loss when not distributed).
-    Every rank of the group must call it (and its backward): both contain collectives."""
+    Every rank of the group must call it (and its backward): both contain collectives, so with several ranks the
+    path depends on the dtype only (the same on every rank, whatever each rank's row count)."""
+    if _group_info(group)[0] == 1:
+        return koleo_loss(x, eps)
     if x.dtype in _KERNEL_DTYPES and use_triton(x):
         return koleo_loss_distributed_triton(x, eps, group)
     return koleo_loss_distributed_reference(x, eps, group)
