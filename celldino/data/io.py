@@ -186,6 +186,18 @@ def _axes_to_cyx(path, arr: np.ndarray, axes: str) -> np.ndarray:
     return np.transpose(arr.reshape(kept_shape), order).reshape(cyx)
 
 
+# Threads tifffile may use to decode one file's compressed segments (None: its default, up to half the cores). A
+# DataLoader worker sets 1 (celldino.data.loaders.seed_worker): the workers already decode in parallel, and ten
+# workers each starting cores/2 threads oversubscribe the host that also runs the training process.
+_decode_threads = None
+
+
+def set_decode_threads(n):
+    """Threads per TIFF decode in this process (None: tifffile's default)."""
+    global _decode_threads
+    _decode_threads = None if n is None else max(int(n), 1)
+
+
 def _read_tiff(path, series: int, header_only: bool = False):
     import tifffile
 
@@ -201,7 +213,7 @@ def _read_tiff(path, series: int, header_only: bool = False):
                 if header_only:
                     shape, axes, dtype = s.shape, s.axes, s.dtype
                 else:
-                    arr = s.asarray()
+                    arr = s.asarray(maxworkers=_decode_threads)
                     shape, axes, dtype = arr.shape, s.axes, arr.dtype
         except ImageReadError:
             raise

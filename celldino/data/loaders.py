@@ -168,11 +168,15 @@ class EpochSampler(Sampler):
 
 def seed_worker(worker_id: int) -> None:
     """worker_init_fn: seed numpy's and Python's global RNGs from this worker's torch seed (distinct per
-    worker, derived from the loader's seeded generator), and keep intra-op threads at 1 in workers."""
+    worker, derived from the loader's seeded generator), and keep intra-op threads and TIFF decode threads at 1
+    in workers (the workers are the parallelism)."""
+    from .io import set_decode_threads
+
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
     torch.set_num_threads(1)
+    set_decode_threads(1)
 
 
 def _make_sampler(dataset, sampler_type, shuffle, seed, size, advance):

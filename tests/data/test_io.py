@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 import tifffile
+import torch
 from PIL import Image
 
 from celldino.data.io import (
@@ -358,3 +359,40 @@ def test_json_description_roundtrip_of_sample_cells():
         desc = json.loads(tf.pages[0].description)
     arr, names = read_image_and_names(p)
     assert names == desc["channel_names"] and arr.dtype == np.uint16 and arr.shape == (2, 64, 64)
+
+
+class _DecodeThreadsProbe(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        from celldino.data import io as celldino_io
+        return celldino_io._decode_threads or 0
+
+
+def test_dataloader_workers_decode_tiffs_single_threaded(tmp_path, monkeypatch):
+    """seed_worker sets one decode thread per worker (the workers are the parallelism); the main process keeps
+    tifffile's default; the setting reaches tifffile's asarray."""
+    from celldino.data import io as celldino_io
+    from celldino.data.loaders import seed_worker
+
+    loader = torch.utils.data.DataLoader(_DecodeThreadsProbe(), batch_size=None, num_workers=1,
+                                         worker_init_fn=seed_worker)
+    assert list(loader) == [1, 1]
+    assert celldino_io._decode_threads is None
+
+    import tifffile
+    path = tmp_path / "a.tif"
+    tifffile.imwrite(path, np.zeros((3, 8, 8), np.uint16), compression="zlib")
+    seen = []
+    original = tifffile.TiffPageSeries.asarray
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("maxworkers"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(tifffile.TiffPageSeries, "asarray", spy)
+    monkeypatch.setattr(celldino_io, "_decode_threads", None)
+    celldino_io.set_decode_threads(1)
+    celldino_io._read_tiff(str(path), 0)
+    assert seen == [1]
