@@ -38,12 +38,19 @@ class PrecisionPlan:
 class ParallelPlan:
     fsdp: bool = False
     compile: bool = False
+    compile_mode: str = "default"
     activation_checkpointing: str = "none"
     autocast_dtype: torch.dtype = None          # plain (unsharded) runs in bf16/fp16: autocast instead of FSDP MP
     grad_scaler: bool = False
     student: dict = field(default_factory=dict)  # submodule name -> PrecisionPlan
     teacher: dict = field(default_factory=dict)
     input_dtype: torch.dtype = torch.float32
+
+
+# torch.compile modes for the blocks: inductor's default; max-autotune(-no-cudagraphs) also times Triton GEMM
+# templates that can fuse bias / GELU / LayerScale epilogues (minutes of tuning at start-up); reduce-overhead replays
+# CUDA graphs (inductor skips them, with a log line, for graphs it cannot capture)
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
 
 
 def _dtype(name):
@@ -93,6 +100,9 @@ def make_plan(cfg, device, distributed):
     fsdp = distributed
     plan = ParallelPlan(fsdp=fsdp, grad_scaler=policy == "reference" and bool(cp.grad_scaler))
     plan.compile = _truthy(cfg.train.get("compile", "auto"), auto=device.type == "cuda")
+    plan.compile_mode = str(cfg.train.get("compile_mode", "default"))
+    if plan.compile_mode not in COMPILE_MODES:
+        raise ValueError(f"train.compile_mode: expected one of {', '.join(COMPILE_MODES)}, got {plan.compile_mode!r}")
     plan.activation_checkpointing = str(cfg.train.get("activation_checkpointing", "none")).lower()
     if plan.activation_checkpointing not in ("none", "full", "selective"):
         raise ValueError(f"train.activation_checkpointing: expected none, full or selective, "
@@ -174,9 +184,9 @@ def apply_activation_checkpointing(backbone, mode):
 
 # ---- compile + FSDP ------------------------------------------------------------------------------------------------
 
-def compile_blocks(backbone):
+def compile_blocks(backbone, mode="default"):
     for block in backbone.iter_blocks():
-        block.compile(fullgraph=True)
+        block.compile(fullgraph=True, mode=None if mode == "default" else mode)
 
 
 def _shard(module, plan, mesh, blocks=()):
@@ -196,9 +206,10 @@ def parallelize(model, plan, device, mesh=None):
         n = apply_activation_checkpointing(model.student.backbone, plan.activation_checkpointing)
         logger.info("activation checkpointing (%s) on %d student blocks", plan.activation_checkpointing, n)
     if plan.compile:
-        compile_blocks(model.student.backbone)
-        compile_blocks(model.teacher.backbone)
-        logger.info("torch.compile(fullgraph=True) per transformer block (student and teacher)")
+        compile_blocks(model.student.backbone, plan.compile_mode)
+        compile_blocks(model.teacher.backbone, plan.compile_mode)
+        logger.info("torch.compile(fullgraph=True, mode=%s) per transformer block (student and teacher)",
+                    plan.compile_mode)
     model.to(device)  # FSDP2 shards what is already on the mesh's device
     if not plan.fsdp:
         return model

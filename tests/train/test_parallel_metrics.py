@@ -115,3 +115,19 @@ def test_fsdp_setting_one_process(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="train.fsdp=false runs one process only"):
         Trainer(tiny_cfg(*overrides, "train.fsdp=false"), tmp_path / "refused")
     assert not distributed.is_initialized()
+
+
+def test_compile_mode_reaches_every_block(monkeypatch):
+    """train.compile_mode is validated and passed to each block's compile (default -> torch's default mode)."""
+    from celldino.train import parallel
+
+    seen = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: seen.append(kw.get("mode")))
+    for mode, expected in (("default", None), ("max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs")):
+        seen.clear()
+        cfg = tiny_cfg("train.compile=true", f"train.compile_mode={mode}")
+        plan = make_plan(cfg, torch.device("cpu"), distributed=False)
+        parallel.parallelize(SSLMetaArch(cfg), plan, torch.device("cpu"))
+        assert seen == [expected] * 4  # 2 student + 2 teacher blocks
+    with pytest.raises(ValueError, match="train.compile_mode: expected one of"):
+        make_plan(tiny_cfg("train.compile_mode=fast"), torch.device("cpu"), distributed=False)
