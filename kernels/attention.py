@@ -704,9 +704,13 @@ def multicrop_attention_triton(q, k, v, cu_seqlens, max_seqlen=None, scale=None,
     tile = int(tile or default_tile(q.dtype, q.shape[2]))
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[2])
     if torch.compiler.is_compiling():
-        if not torch.is_tensor(cu_seqlens):
-            cu_seqlens = torch.tensor(list(cu_seqlens), dtype=torch.int32)
-        out, _ = torch.ops.celldino.multicrop_attention_fwd(q, k, v, cu_seqlens, scale, tile, block_n)
+        # offsets given as ints stay ints in the graph (no CPU tensor constant, which would keep inductor from
+        # capturing the graph in a CUDA graph); a tensor is passed through as a tensor
+        if torch.is_tensor(cu_seqlens):
+            out, _ = torch.ops.celldino.multicrop_attention_fwd(q, k, v, cu_seqlens, [], scale, tile, block_n)
+        else:
+            out, _ = torch.ops.celldino.multicrop_attention_fwd(q, k, v, None, [int(x) for x in cu_seqlens], scale,
+                                                                tile, block_n)
         return out
     table = _table_for(cu_seqlens, q, tile)
     return _MultiCropAttention.apply(q, k, v, table, scale, tile, block_n)
@@ -714,39 +718,47 @@ def multicrop_attention_triton(q, k, v, cu_seqlens, max_seqlen=None, scale=None,
 
 # torch.compile path: the same launchers behind two custom ops, so dynamo treats the call as one opaque node.
 # (Eager calls use the autograd.Function above: a custom op costs ~15 us more per call on the host.)
+# The crop offsets come either as a tensor (cu_seqlens; offsets empty) or as ints (offsets; cu_seqlens None).
+def _offsets_of(cu_seqlens, offsets):
+    return cu_seqlens if cu_seqlens is not None else offsets
+
+
 @torch.library.custom_op("celldino::multicrop_attention_fwd", mutates_args=())
-def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float, tile: int,
-            block_n: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    return _attn_forward(q, k, v, _table_for(cu_seqlens, q, tile), scale, tile, block_n)
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None, offsets: list[int],
+            scale: float, tile: int, block_n: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    return _attn_forward(q, k, v, _table_for(_offsets_of(cu_seqlens, offsets), q, tile), scale, tile, block_n)
 
 
 @_fwd_op.register_fake
-def _fwd_fake(q, k, v, cu_seqlens, scale, tile, block_n):
+def _fwd_fake(q, k, v, cu_seqlens, offsets, scale, tile, block_n):
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
 @torch.library.custom_op("celldino::multicrop_attention_bwd", mutates_args=())
 def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-            cu_seqlens: torch.Tensor, scale: float, tile: int,
+            cu_seqlens: torch.Tensor | None, offsets: list[int], scale: float, tile: int,
             block_n: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _attn_backward(do, q, k, v, o, lse, _table_for(cu_seqlens, q, tile), scale, tile, block_n)
+    table = _table_for(_offsets_of(cu_seqlens, offsets), q, tile)
+    return _attn_backward(do, q, k, v, o, lse, table, scale, tile, block_n)
 
 
 @_bwd_op.register_fake
-def _bwd_fake(do, q, k, v, o, lse, cu_seqlens, scale, tile, block_n):
+def _bwd_fake(do, q, k, v, o, lse, cu_seqlens, offsets, scale, tile, block_n):
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
 
 
 def _fwd_op_setup(ctx, inputs, output):
-    q, k, v, cu_seqlens, scale, tile, block_n = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], cu_seqlens)
-    ctx.scale, ctx.tile, ctx.block_n = scale, tile, block_n
+    q, k, v, cu_seqlens, offsets, scale, tile, block_n = inputs
+    ctx.has_tensor_offsets = cu_seqlens is not None
+    ctx.save_for_backward(q, k, v, output[0], output[1], *((cu_seqlens,) if ctx.has_tensor_offsets else ()))
+    ctx.offsets, ctx.scale, ctx.tile, ctx.block_n = list(offsets), scale, tile, block_n
 
 
 def _fwd_op_backward(ctx, do, _dlse):
-    q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
-    dq, dk, dv = _bwd_op(do, q, k, v, o, lse, cu_seqlens, ctx.scale, ctx.tile, ctx.block_n)
-    return dq, dk, dv, None, None, None, None
+    q, k, v, o, lse, *cu_seqlens = ctx.saved_tensors
+    cu_seqlens = cu_seqlens[0] if ctx.has_tensor_offsets else None
+    dq, dk, dv = _bwd_op(do, q, k, v, o, lse, cu_seqlens, ctx.offsets, ctx.scale, ctx.tile, ctx.block_n)
+    return dq, dk, dv, None, None, None, None, None
 
 
 _fwd_op.register_autograd(_fwd_op_backward, setup_context=_fwd_op_setup)

@@ -232,25 +232,39 @@ def test_dispatch_follows_backend(monkeypatch):
         _dispatch.set_backend(None)
 
 
-def test_torch_compile_sees_one_opaque_op(recwarn):
-    """fullgraph=True fails on any graph break: the dispatcher and the Triton path must trace into one custom op."""
+@pytest.mark.parametrize("offsets", ["int32 tensor", "tuple of ints"])
+def test_torch_compile_sees_one_opaque_op(offsets, recwarn):
+    """fullgraph=True fails on any graph break: the dispatcher and the Triton path must trace into one custom op.
+    Offsets given as ints (the model's compiled path) stay ints in the graph: no tensor constant is made from them
+    (a CPU constant would keep inductor from capturing CUDA graphs)."""
     lengths = [20, 5, 1]
-    cu = cu_of(lengths)
+    cu = cu_of(lengths) if offsets == "int32 tensor" else tuple(cu_of(lengths).tolist())
     q, k, v = (torch.randn(26, 2, 16, requires_grad=True) for _ in range(3))
+    graphs = []
 
-    def f(q, k, v, cu):
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.backends.common.aot_autograd(fw_compiler=lambda g, _: g)(gm, example_inputs)
+
+    def f(q, k, v):
         return multicrop_attention(q, k, v, cu).square().sum()
 
+    torch._dynamo.reset()
     try:
         _dispatch.set_backend("triton")
-        compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
-        got = torch.autograd.grad(compiled(q, k, v, cu), (q, k, v))
-        want = torch.autograd.grad(f(q, k, v, cu), (q, k, v))
+        compiled = torch.compile(f, backend=recording_backend, fullgraph=True)
+        got = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+        want = torch.autograd.grad(f(q, k, v), (q, k, v))
     finally:
         _dispatch.set_backend(None)
     for a, b in zip(got, want):
         assert torch.equal(a, b)
     assert not [w for w in recwarn if "lru_cache" in str(w.message)]
+    (graph,) = graphs
+    calls = [n for n in graph.graph.nodes if n.op == "call_function"]
+    assert not [n for n in calls if n.target in (torch.tensor, torch.as_tensor)]
+    (op,) = [n for n in calls if "multicrop_attention_fwd" in str(n.target)]
+    assert (op.args[3] is None) == (offsets == "tuple of ints")
 
 
 # inductor with a tuple of ints is plain SDPA to inductor (and the model's compiled CPU block, tested in
@@ -301,7 +315,8 @@ def test_reference_custom_op_backward_matches_dense(dtype):
 def test_custom_op_registration_passes_opcheck():
     lengths = [9, 4]
     q, k, v = (torch.randn(13, 1, 16, requires_grad=True) for _ in range(3))
-    torch.library.opcheck(attention._fwd_op, (q, k, v, cu_of(lengths), 0.25, 32, 16))
+    torch.library.opcheck(attention._fwd_op, (q, k, v, cu_of(lengths), [], 0.25, 32, 16))
+    torch.library.opcheck(attention._fwd_op, (q, k, v, None, cu_of(lengths).tolist(), 0.25, 32, 16))
 
 
 # ---------------------------------------------------------------------------------------------------------- GPU
