@@ -61,6 +61,9 @@ def add_arguments(parser):
                         help="DataLoader workers of every end-to-end provider (GPU: min(10, cores - 2); CPU 0)")
     parser.add_argument("--train-e2e-fields", type=int, default=None, help="TIFF fields written (GPU 128, CPU 8)")
     parser.add_argument("--train-e2e-size", type=int, default=None, help="field side in pixels (GPU 512, CPU 64)")
+    parser.add_argument("--train-overrides", default="", metavar="KEY=VALUE[,KEY=VALUE]",
+                        help="config overrides for every provider of the run (e.g. train.fsdp=true to time the "
+                             "1-rank FSDP2 step as the run's first trainer); named in each row's note")
     parser.add_argument("--train-variant", action="append", default=[], metavar="NAME=KEY=VALUE[,KEY=VALUE]",
                         help="also time the celldino trainer with these config overrides, as provider "
                              "celldino[NAME] in the same run (repeatable), e.g. nofsdp=train.fsdp=false")
@@ -75,9 +78,20 @@ def parse_variant(text):
     return name.strip(), overrides
 
 
+def _run_overrides(args):
+    """--train-overrides as a list (checked like a variant's)."""
+    text = getattr(args, "train_overrides", "") or ""
+    return parse_variant(f"run={text}")[1] if text.strip() else []
+
+
+def _run_note(args):
+    overrides = _run_overrides(args)
+    return f"; run overrides: {' '.join(overrides)}" if overrides else ""
+
+
 def _cfg(args, batch, on_gpu, extra=()):
     from celldino.config import load_config
-    overrides = [f"train.batch_size_per_gpu={batch}", "train.num_workers=0", *extra]
+    overrides = [f"train.batch_size_per_gpu={batch}", "train.num_workers=0", *_run_overrides(args), *extra]
     if on_gpu and not getattr(args, "quick", False):
         return load_config(getattr(args, "train_config", None) or "cell_dino/vitl16_hpaone", overrides)
     return load_config(None, TINY + overrides + ["train.device=cpu"] * (not on_gpu))
@@ -292,6 +306,7 @@ def run(args):
         # (GPUs do not): flush them for both providers so the CPU rows time the code, not denormal stalls
         torch.set_flush_denormal(True)
     variants = [parse_variant(v) for v in getattr(args, "train_variant", None) or []]
+    run_note = _run_note(args)
     rows = []
     for batch_size in batches:
         cfg = _cfg(args, batch_size, on_gpu)
@@ -323,7 +338,7 @@ def run(args):
                 items=batch_size, peak_mem_mb=mem, baseline="reference-style" if provider != "reference-style" else "",
                 baseline_ms=base_ms if provider != "reference-style" else None, device=device,
                 note=f"{1e3 / timing[0]:.2f} steps/s; {mfu}; model FLOPs {flops / 1e12:.3f} T/step"
-                     + notes.get(provider, "") + ("" if on_gpu else "; CPU smoke size")))
+                     + notes.get(provider, "") + run_note + ("" if on_gpu else "; CPU smoke size")))
         if not math.isfinite(base_ms):
             raise RuntimeError("reference-style step time is not finite")
         # after the rows are made, so a time limit hitting the profile still leaves this batch's rows
@@ -346,7 +361,8 @@ def _end_to_end(args, batch_size, on_gpu, device, shape, flops, peak):
     size = getattr(args, "train_e2e_size", None) or (512 if on_gpu else 64)
     results = train_e2e.measure(lambda extra: _cfg(args, batch_size, on_gpu, extra), ReferenceStyleStep, device,
                                 batch_size, steps, workers, n_fields, size)
-    made = train_e2e.rows(results, shape, flops, batch_size, peak, device, workers, size, n_fields, on_gpu)
+    made = train_e2e.rows(results, shape, flops, batch_size, peak, device, workers, size, n_fields, on_gpu,
+                          note_suffix=_run_note(args))
     for r in made:
         print(f"  train e2e {r['provider']}: {r['items_per_s'] or 'skipped'} img/s "
               f"{('x' + str(r['speedup_vs_baseline'])) if r['speedup_vs_baseline'] else ''}", flush=True)

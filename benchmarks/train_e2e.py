@@ -162,7 +162,7 @@ def measure(cfg_for, reference_step, device, batch_size, steps, workers, n_field
     return results
 
 
-def rows(results, shape, flops, batch_size, peak, device, workers, field_size, n_fields, on_gpu):
+def rows(results, shape, flops, batch_size, peak, device, workers, field_size, n_fields, on_gpu, note_suffix=""):
     """The `ssl_step+data` rows of `measure`'s results, speed-ups vs reference-style+data."""
     base = results.get("reference-style+data", (None,))[0]
     made = []
@@ -173,7 +173,7 @@ def rows(results, shape, flops, batch_size, peak, device, workers, field_size, n
                    "mean of a steady-state span")
         if ms is None:
             made.append(common.row("train", "ssl_step+data", provider, shape, "", "end to end", NAN,
-                                   device=device, note=f"{extra}; {setting}"))
+                                   device=device, note=f"{extra}; {setting}{note_suffix}"))
             continue
         tflops = flops / ms / 1e9
         mfu = f"MFU {tflops / peak:.1%}" if peak else "MFU n/a"
@@ -181,6 +181,6 @@ def rows(results, shape, flops, batch_size, peak, device, workers, field_size, n
             "train", "ssl_step+data", provider, shape, "", "end to end (decode + augment + step)", (ms, ms, ms),
             flops=flops, items=batch_size, device=device, baseline="" if is_base else "reference-style+data",
             baseline_ms=None if is_base else base,
-            note=f"{1e3 / ms:.2f} steps/s; {mfu}; waits {extra:.1f} ms/step for data; {setting}"
+            note=f"{1e3 / ms:.2f} steps/s; {mfu}; waits {extra:.1f} ms/step for data; {setting}{note_suffix}"
                  + ("" if on_gpu else "; CPU smoke size")))
     return made

@@ -28,6 +28,20 @@ def test_bench_train_rows_on_cpu():
     assert "train.activation_checkpointing=full" in rows[2]["note"]
 
 
+def test_run_overrides_apply_to_every_provider_and_are_noted():
+    try:
+        rows = bench_train.run(argparse.Namespace(quick=True, train_batch=[2], train_steps=1, train_e2e_steps=0,
+                                                  train_overrides="train.activation_checkpointing=full"))
+    finally:
+        torch.set_flush_denormal(False)
+    assert [r["provider"] for r in rows] == ["reference-style", "celldino"]
+    assert all("run overrides: train.activation_checkpointing=full" in r["note"] for r in rows)
+    args = argparse.Namespace(quick=True, train_overrides="train.activation_checkpointing=full")
+    assert bench_train._cfg(args, 2, on_gpu=False).train.activation_checkpointing == "full"
+    with pytest.raises(ValueError, match="expected NAME=KEY=VALUE"):
+        bench_train._run_overrides(argparse.Namespace(train_overrides="novalue"))
+
+
 def test_train_variant_parsing():
     assert bench_train.parse_variant("zero3=compute_precision.sharding=zero3,train.fsdp=true") == (
         "zero3", ["compute_precision.sharding=zero3", "train.fsdp=true"])
