@@ -314,7 +314,7 @@ def run(args):
                  f"2x{cfg.crops.global_crops_size}+{cfg.crops.local_crops_number}x{cfg.crops.local_crops_size} "
                  f"K={cfg.dino.head_n_prototypes}")
         results, notes = {}, {}
-        # celldino first (it owns the 1-rank process group on a GPU), then its variants, then the baseline
+        # celldino first, then its variants (each its own Trainer, closed before the next), then the baseline
         results["celldino"], flops = _time_trainer(args, cfg, "celldino", device, batch_size, warmup, steps)
         for name, overrides in variants:
             provider = f"celldino[{name}]"

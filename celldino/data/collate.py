@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-__all__ = ["collate_data_and_cast", "stack_crops"]
+__all__ = ["collate_data_and_cast", "collate_masks", "stack_crops"]
 
 _DTYPES = {"fp16": torch.float16, "float16": torch.float16, "half": torch.float16, "bf16": torch.bfloat16,
            "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
@@ -65,7 +65,6 @@ def collate_data_and_cast(
         raise ValueError("collate_data_and_cast: empty batch")
     if mask_generator is None:
         raise ValueError("collate_data_and_cast needs a mask_generator (celldino.data.masking.MaskingGenerator)")
-    rnd = _random if random_module is None else random_module
     dtype = _as_dtype(dtype)
     collated_global_crops = stack_crops(samples_list, "global_crops")
     if collated_global_crops is None:
@@ -73,8 +72,21 @@ def collate_data_and_cast(
     collated_local_crops = stack_crops(samples_list, "local_crops")
     if collated_local_crops is None:
         collated_local_crops = collated_global_crops.new_empty((0,) + tuple(collated_global_crops.shape[1:2]) + (0, 0))
+    masks = collate_masks(len(collated_global_crops), mask_ratio_tuple, mask_probability, mask_generator,
+                          n_tokens=n_tokens, random_module=random_module, mask_rng=mask_rng)
+    return {"collated_global_crops": collated_global_crops.to(dtype),
+            "collated_local_crops": collated_local_crops.to(dtype), **masks}
 
-    B = len(collated_global_crops)
+
+def collate_masks(n_global_crops, mask_ratio_tuple, mask_probability, mask_generator, n_tokens=None,
+                  random_module=None, mask_rng=None) -> dict:
+    """The iBOT masks of a batch with `n_global_crops` global crops (2B), as collate_data_and_cast makes them
+    (same draws from the same streams): collated_masks, mask_indices_list, masks_weight, upperbound,
+    n_masked_patches. The fused augmentation's collates call it directly (their crops come from the fused op)."""
+    if mask_generator is None:
+        raise ValueError("collate_masks needs a mask_generator (celldino.data.masking.MaskingGenerator)")
+    rnd = _random if random_module is None else random_module
+    B = int(n_global_crops)
     N = int(n_tokens) if n_tokens is not None else int(mask_generator.num_patches)
     n_samples_masked = int(B * mask_probability)
     probs = torch.linspace(*mask_ratio_tuple, n_samples_masked + 1)  # float32 edges, as the reference
@@ -98,8 +110,6 @@ def collate_data_and_cast(
     masks_weight = (1 / collated_masks.sum(-1).clamp(min=1.0)).unsqueeze(-1).expand_as(collated_masks)[collated_masks]
 
     return {
-        "collated_global_crops": collated_global_crops.to(dtype),
-        "collated_local_crops": collated_local_crops.to(dtype),
         "collated_masks": collated_masks,
         "mask_indices_list": mask_indices_list,
         "masks_weight": masks_weight,

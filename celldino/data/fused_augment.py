@@ -306,22 +306,17 @@ class _FusedCollate:
         self.random_module = random_module
 
     def __call__(self, samples_list):
-        from .collate import collate_data_and_cast
+        from .collate import collate_masks
 
         if not samples_list:
             raise ValueError("fused collate: empty batch")
         batch = self.aug([s[0] for s in samples_list])
-        # The masks come from collate_data_and_cast itself (one implementation of the masking law): it only
-        # needs the number of global crops, so it gets empty placeholder crops and we put the real ones back.
-        empty = torch.empty(0)
-        placeholders = [({"global_crops": [empty] * self.aug.n_global_crops,
-                          "local_crops": [empty] * self.aug.local_crops_number}, None) for _ in samples_list]
-        out = collate_data_and_cast(placeholders, self.mask_ratio_tuple, self.mask_probability, self.aug.out_dtype,
-                                    n_tokens=self.n_tokens, mask_generator=self.mask_generator,
-                                    random_module=self.random_module)
-        out["collated_global_crops"] = batch["collated_global_crops"]
-        out["collated_local_crops"] = batch["collated_local_crops"]
-        return out
+        # the masks of collate_data_and_cast (one implementation of the masking law, same draws)
+        masks = collate_masks(self.aug.n_global_crops * len(samples_list), self.mask_ratio_tuple,
+                              self.mask_probability, self.mask_generator, n_tokens=self.n_tokens,
+                              random_module=self.random_module)
+        return {"collated_global_crops": batch["collated_global_crops"],
+                "collated_local_crops": batch["collated_local_crops"], **masks}
 
 
 def benchmark_fused_augment(images, params: CropParams, device=None, out_dtype=torch.float32, threads=None,

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from celldino.data import build_dataset
-from celldino.data.collate import collate_data_and_cast
+from celldino.data.collate import collate_data_and_cast, collate_masks
 from celldino.data.loaders import ShardedInfiniteSampler, seed_worker
 from celldino.data.masking import MaskingGenerator
 
@@ -109,21 +109,14 @@ class SeededCollate:
         iteration = first // self.batch_size
         if first % self.batch_size:
             raise RuntimeError(f"batch starts at sample position {first}, not a multiple of {self.batch_size}")
-        pending = None
-        if self.fused is not None:
-            pending = _pending_crops(samples)
-            # the masks need only the number of crops: collate placeholders, put the real crops in afterwards
-            empty = torch.empty(0)
-            samples = [({"global_crops": [empty] * self.fused.n_global_crops,
-                         "local_crops": [empty] * self.fused.local_crops_number}, position)
-                       for _, position in samples]
-        batch = collate_data_and_cast(
-            samples, random_module=random.Random(derive_seed("mask-ratios", self.seed, self.rank, iteration)),
-            mask_rng=np.random.default_rng(derive_seed("mask-blocks", self.seed, self.rank, iteration)),
-            **self.kwargs)
-        if pending is not None:
-            del batch["collated_global_crops"], batch["collated_local_crops"]  # the placeholders
-            batch.update(pending)
+        streams = dict(random_module=random.Random(derive_seed("mask-ratios", self.seed, self.rank, iteration)),
+                       mask_rng=np.random.default_rng(derive_seed("mask-blocks", self.seed, self.rank, iteration)))
+        if self.fused is None:
+            batch = collate_data_and_cast(samples, **streams, **self.kwargs)
+        else:  # the same masks (same draws), crops from the fused op
+            kwargs = {k: v for k, v in self.kwargs.items() if k != "dtype"}
+            batch = collate_masks(self.fused.n_global_crops * len(samples), **streams, **kwargs)
+            batch.update(_pending_crops(samples))
             if not self.on_device:
                 augment_on_device(batch, torch.device("cpu"), self.kwargs["dtype"], self.fused.intensity_scale)
             else:

@@ -138,7 +138,7 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True  # as the reference
             torch.backends.cudnn.allow_tf32 = True
 
-        self.augmentation = augmentation_mode(cfg, self.device)  # a bad setting fails before the model is built
+        augmentation_mode(cfg, self.device)  # a bad train.augmentation fails here, before the model is built
         self.plan = make_plan(cfg, self.device,
                               distributed=distributed.is_initialized() and fsdp_setting(cfg) is not False)
         torch.manual_seed(int(cfg.train.seed))  # identical initial weights on every rank
