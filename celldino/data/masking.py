@@ -76,6 +76,25 @@ except ImportError:  # pragma: no cover - numba is a declared dependency
     NUMBA_AVAILABLE = False
 
 
+def _numba_ready() -> bool:
+    """Compile (or load from numba's cache) the placement loop in this process, once. Done when a generator is
+    built, before DataLoader workers fork: a worker that compiles on its first batch imports numba's and scipy's
+    modules after fork, and that import deadlocked in bench_data's workers (its process had run DALI pipelines and
+    thread pools before forking); forked workers also skip the compile. False (and a warning) when numba cannot compile here."""
+    global _NUMBA_STATE
+    if _NUMBA_STATE is None:
+        try:
+            _place_blocks_numba(np.zeros((2, 2), dtype=np.bool_), 1, 1.0, 1.0, 0.0, 0.0, np.zeros(80))
+            _NUMBA_STATE = True
+        except Exception as e:  # e.g. no writable numba cache dir: the twin gives the same masks
+            logger.warning("numba masking unavailable (%s: %s); using the pure-Python twin", type(e).__name__, e)
+            _NUMBA_STATE = False
+    return _NUMBA_STATE
+
+
+_NUMBA_STATE = None  # None: not tried yet in this process
+
+
 class MaskingGenerator:
     """Callable: `gen(num_masking_patches)` -> bool array (H, W) with (at most) that many True patches.
 
@@ -112,6 +131,8 @@ class MaskingGenerator:
         if backend == "numba" and not NUMBA_AVAILABLE:
             raise RuntimeError("backend='numba' requested but numba is not installed")
         self.backend = "numba" if backend == "auto" and NUMBA_AVAILABLE else ("python" if backend == "auto" else backend)
+        if self.backend == "numba" and not _numba_ready():
+            self.backend = "python"
         self.rng = ProcessLocalRNG(seed)
 
     def __repr__(self) -> str:

@@ -53,6 +53,20 @@ def test_numba_equals_python_twin(size, max_patches, min_patches):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.skipif(not NUMBA_AVAILABLE, reason="numba not installed")
+def test_constructing_a_generator_compiles_before_workers_fork():
+    """The placement loop is compiled (or loaded from numba's cache) when the generator is built, so DataLoader
+    workers forked afterwards inherit it instead of importing numba/scipy modules after fork (that hung)."""
+    import subprocess
+    import sys
+
+    code = ("import celldino.data.masking as m\n"
+            "assert not m._place_blocks_numba.signatures\n"
+            "g = m.MaskingGenerator(14, max_num_patches=98.0)\n"
+            "assert g.backend == 'numba' and m._place_blocks_numba.signatures, g\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
 def _bbox_shape(mask):
     rows, cols = np.where(mask)
     return rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
