@@ -116,7 +116,7 @@ class SeededCollate:
         else:  # the same masks (same draws), crops from the fused op
             kwargs = {k: v for k, v in self.kwargs.items() if k != "dtype"}
             batch = collate_masks(self.fused.n_global_crops * len(samples), **streams, **kwargs)
-            batch.update(_pending_crops(samples))
+            batch.update(_pending_crops(samples, stack=self.on_device))
             if not self.on_device:
                 augment_on_device(batch, torch.device("cpu"), self.kwargs["dtype"], self.fused.intensity_scale)
             else:
@@ -125,13 +125,14 @@ class SeededCollate:
         return batch
 
 
-def _pending_crops(samples):
-    """{"raw_images": one B x C x H x W tensor when all images match (one pinned copy to the GPU), else the list;
-    "crop_params": the batch's CropParams}."""
+def _pending_crops(samples, stack):
+    """{"raw_images": the list of images, or with `stack` one B x C x H x W tensor when all images match (one
+    pinned copy to the GPU; the C++ op reads the list in place, so it is not stacked for it); "crop_params": the
+    batch's CropParams}."""
     from celldino.data.crop_params import concat_crop_params
 
     images = [s[0][0] for s in samples]
-    same = len({(tuple(img.shape), img.dtype) for img in images}) == 1
+    same = stack and len({(tuple(img.shape), img.dtype) for img in images}) == 1
     return {"raw_images": torch.stack(images) if same else images,
             "crop_params": concat_crop_params([s[0][1] for s in samples])}
 
