@@ -8,11 +8,18 @@ Rows (op "decode+augment", images/s in items_per_s, speed-up vs the reference ro
   celldino_torch   tifffile decode + celldino.data.augment.CellAugmentationDINO (crop first, then the pixel ops), 1 thread.
   cpp              tifffile decode + the fused C++ augmentation (celldino._C via celldino.data.fused_augment), 1 thread;
                    skipped (note says why) until that extension is built.
-  tifffile_threads+cuda_aug   tifffile decode on every CPU core (threads, as DataLoader workers would) + the fused
-                   CUDA multi-crop on the GPU: the GPU path when DALI is not installed; needs a GPU.
+  loader+cpp_aug   the trainer's own data stream (celldino.train.data.build_train_loader, train.augmentation=fused_cpu)
+                   with one DataLoader worker per core: decode + crop parameters + the C++ multi-crop in the workers,
+                   masks in the collate; speed-up per core (rate / workers vs the reference's one core). CPU only.
+  loader+cuda_aug  the same stream as `celldino train` runs it on a GPU (train.augmentation=fused_device): workers
+                   (cores - 1) decode and draw crop parameters, the main process cuts the crops with the fused CUDA
+                   kernel; speed-up per GPU (+ its CPU cores) vs the reference per core. The GPU path without DALI.
   dali_gpu+aug     DALI GPU decode (DaliTiffLoader, mixed backend) + GPU multi-crop (the fused CUDA kernel when built,
                    else a batched torch grid_sample stand-in, named in the note); needs a GPU.
 Rows (op "decode"): tifffile (1 thread), dali_cpu (DALI CPU backend, 1 thread), dali_gpu.
+"1 thread" rows decode with tifffile's maxworkers=1 (its default starts up to half the cores per compressed file).
+The deflate rows' notes name the inflate code tifffile used: libdeflate when imagecodecs is installed (a celldino
+dependency), else Python's zlib, about half as fast.
 
     python -m benchmarks.run_all data [--quick] [--data-images N] [--data-size S]
 """
@@ -27,6 +34,7 @@ import numpy as np
 import torch
 
 from . import common
+from .train_e2e import default_workers, time_stream
 
 N_LOCAL = 8
 GLOBAL_SIZE, LOCAL_SIZE = 224, 96
@@ -84,9 +92,10 @@ def write_fields(directory, channels, compression, n, size, seed=0):
 
 
 def tifffile_decode(path):
+    """One field decoded on the calling thread only (maxworkers=1), C x H x W."""
     import tifffile
 
-    arr = tifffile.imread(path)
+    arr = tifffile.imread(path, maxworkers=1)
     return torch.from_numpy(np.ascontiguousarray(np.moveaxis(arr, -1, 0)))
 
 
@@ -216,6 +225,39 @@ def _fused_multicrop():
     return fn, None
 
 
+def deflate_codec():
+    """The inflate implementation tifffile uses for deflate TIFF strips here."""
+    try:
+        import imagecodecs
+        if imagecodecs.DEFLATE.available:
+            return "libdeflate via imagecodecs"
+    except Exception:  # noqa: BLE001 - not installed, or an old build without the DEFLATE codec
+        pass
+    return "Python zlib (imagecodecs not installed)"
+
+
+def loader_rate(directory, channels, batch, workers, device, steps):
+    """(mean ms per batch, mean ms the consumer waited) of the trainer's own data stream over the fields in
+    `directory`: build_train_loader with train.augmentation fused_cpu (CPU) or fused_device (crops cut here on
+    `device`), after the batches prefetched during start-up are drained (train_e2e.time_stream, no step)."""
+    from celldino.config import load_config
+    from celldino.train.data import augment_on_device, build_train_loader
+
+
+    on_device = device.type == "cuda"
+    cfg = load_config("cell_dino/vitl16_hpaone", [
+        f"train.dataset_path=Folder:root={directory}:labels=false", f"train.batch_size_per_gpu={batch}",
+        f"train.num_workers={workers}", "train.augmentation=" + ("fused_device" if on_device else "fused_cpu"),
+        f"student.in_chans={channels}", f"crops.local_crops_number={N_LOCAL}",
+        f"crops.global_crops_size={GLOBAL_SIZE}", f"crops.local_crops_size={LOCAL_SIZE}",
+        f"crops.global_crops_scale=[{GLOBAL_SCALE[0]},{GLOBAL_SCALE[1]}]",
+        f"crops.local_crops_scale=[{LOCAL_SCALE[0]},{LOCAL_SCALE[1]}]"])
+    dtype = torch.bfloat16 if on_device else torch.float32
+    loader = build_train_loader(cfg, 0, dtype=dtype, device=device)
+    return time_stream(lambda batch, i: None, loader, lambda b: augment_on_device(b, device, dtype), workers,
+                       steps, device)
+
+
 def _cuda_built():
     from celldino.data import fused_augment
     return fused_augment.cuda_extension_available()
@@ -275,10 +317,12 @@ def run(args):
     rows = []
     with tempfile.TemporaryDirectory(prefix="celldino_bench_data_") as tmp:
         for channels, comp in _fields(getattr(args, "data_fields", None)):
-            paths = write_fields(tmp, channels, comp, n_images, size)
+            field_dir = os.path.join(tmp, f"c{channels}_{comp}")  # one folder per kind: the loader rows read it
+            os.makedirs(field_dir)
+            paths = write_fields(field_dir, channels, comp, n_images, size)
             shape = f"{channels}x{size}x{size}"
             mb = sum(os.path.getsize(p) for p in paths) / len(paths) / 2**20
-            note_file = f"{comp} TIFF {mb:.2f} MB/field"
+            note_file = f"{comp} TIFF {mb:.2f} MB/field" + (f" ({deflate_codec()})" if comp == "deflate" else "")
 
             def add(op, provider, timing, n, baseline, baseline_ms, note="", device=cpu_dev):
                 rows.append(common.row("data", op, provider, shape, "uint16", comp, timing, items=n if n else None,
@@ -317,25 +361,28 @@ def run(args):
                 else:
                     add("decode+augment", "cpp", NAN, 0, "reference", None, f"skipped: {fused_why}")
 
-            # ---- GPU without DALI: tifffile on every core (what DataLoader workers do) + the CUDA multi-crop
-            if on_gpu and fused is not None and _cuda_built():
-                threads = os.cpu_count() or 4
-                seeds_t = iter(range(10**9))
-
-                def threads_epoch():
-                    with ThreadPoolExecutor(threads) as pool:
-                        for start in range(0, n_images, batch):
-                            imgs = list(pool.map(tifffile_decode, paths[start:start + batch]))
-                            dev = torch.stack(imgs).pin_memory().to(gpu_dev, non_blocking=True)
-                            fused(dev, _sample_params([tuple(dev.shape[1:])] * dev.shape[0], next(seeds_t)))
-
-                t = _time(threads_epoch, rep, sync=True)
-                add("decode+augment", "tifffile_threads+cuda_aug", t, n_images, "reference",
-                    t_ref[0] * n_images / len(sub), f"tifffile on {threads} CPU threads, fused CUDA kernel, batch "
-                    f"{batch}; speed-up is per GPU (+ its CPU cores) vs the reference per core", device=gpu_dev)
-            elif on_gpu:
-                add("decode+augment", "tifffile_threads+cuda_aug", NAN, 0, "reference", None,
-                    "skipped: celldino._C built without CUDA")
+            # ---- the trainer's own stream: DataLoader workers (+ the CUDA kernel on a GPU)
+            provider = "loader+cuda_aug" if on_gpu else "loader+cpp_aug"
+            if not (_cuda_built() if on_gpu else fused is not None):
+                add("decode+augment", provider, NAN, 0, "reference", None,
+                    "skipped: celldino._C built without " + ("CUDA" if on_gpu else "its CPU op"))
+            else:
+                # on a GPU the trainer's default of 10 workers (fewer on small hosts); on CPU one per core
+                workers = default_workers(True) if on_gpu else (os.cpu_count() or 2)
+                where = gpu_dev if on_gpu else cpu_dev
+                setting = f"celldino.train.data.build_train_loader, {workers} DataLoader workers, batch {batch}"
+                try:
+                    ms, waited = loader_rate(field_dir, channels, batch, workers, where, steps=4 if quick else 8)
+                except Exception as exc:  # noqa: BLE001 - e.g. too little shared memory for the workers' batches
+                    add("decode+augment", provider, NAN, 0, "reference", None,
+                        f"failed: {type(exc).__name__}: {str(exc)[:200]}; {setting}", device=where)
+                else:
+                    per_image_ref = t_ref[0] / len(sub)
+                    add("decode+augment", provider, (ms, ms, ms), batch, "reference",
+                        per_image_ref * batch / (1 if on_gpu else workers),
+                        f"{setting}, mean of a steady-state span (consumer waited {waited:.1f} ms/batch); speed-up "
+                        + ("per GPU (+ its CPU cores) vs the reference per core" if on_gpu else "per core"),
+                        device=where)
 
             # ---- GPU: DALI mixed decode (+ multi-crop on the GPU)
             if not on_gpu or not has_dali:

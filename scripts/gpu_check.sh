@@ -4,7 +4,7 @@
 # limit and all of them inside one overall deadline, so a slow stage costs the later ones, never the results.
 #
 #   bash scripts/gpu_check.sh [total_seconds]      (default 560)
-#   STAGES="test_kernels_eval bench_knn" bash scripts/gpu_check.sh 200     (only the named stages; install and
+#   STAGES="test_kernels_eval bench_knn" bash scripts/gpu_check.sh 200     (only the named stages; wheels, install and
 #                                                                          import always run)
 # Extra arguments: TRAIN_ARGS (e.g. "--train-variant nofsdp=train.fsdp=false"), DATA_ARGS, KNN_ARGS, KOLEO_ARGS,
 # SINKHORN_ARGS, AUGMENT_ARGS; stage limits TRAIN_LIMIT, AUGMENT_LIMIT, DATA_LIMIT (seconds).
@@ -15,6 +15,11 @@
 # call and kept out of git; make it here with
 #   echo /.devsite/ >> .git/info/exclude; mkdir -p .devsite
 #   cp -r "$(python3 -c 'import omegaconf, os; print(os.path.dirname(os.path.dirname(omegaconf.__file__)))')"/{omegaconf,antlr4} .devsite/
+# Wheels in ./.devsite/wheels are pip-installed first (no deps, no index). Put imagecodecs there (26 MB, abi3, so
+# the device's Python 3.12 takes it): the image lacks it, and without it tifffile inflates deflate TIFFs with
+# Python's zlib instead of libdeflate, which is not what a celldino install decodes with:
+#   pip download imagecodecs --no-deps --only-binary=:all: --python-version 3.12 \
+#       --platform manylinux_2_28_x86_64 -d .devsite/wheels
 set -u
 START=$(date +%s)
 TOTAL=${1:-560}
@@ -30,7 +35,7 @@ pack() { tar czf "$OUT/results.tgz" -C "$WORK" results junit build.log 2>/dev/nu
 # stage NAME BUDGET CMD...: run CMD with min(BUDGET, time left - 5 s); record rc and seconds.
 stage() {
     local name=$1 budget=$2; shift 2
-    if [[ -n "${STAGES:-}" && " install import $STAGES " != *" $name "* ]]; then return; fi
+    if [[ -n "${STAGES:-}" && " wheels install import $STAGES " != *" $name "* ]]; then return; fi
     local left=$(( TOTAL - ($(date +%s) - START) - 5 ))
     (( left < budget )) && budget=$left
     if (( budget < 10 )); then echo "### $name: SKIPPED (no time left)"; echo "$name skipped" >> "$WORK/summary"; return; fi
@@ -48,6 +53,9 @@ python3 -c "import sys, torch, triton; print(sys.version.split()[0], torch.__ver
 
 # Editable install without the extension (seconds), then the CUDA extension built in place in the background
 # while the kernel tests run (they do not need it).
+if compgen -G ".devsite/wheels/*.whl" > /dev/null; then
+    stage wheels 60 python3 -m pip install -q --no-deps --no-index .devsite/wheels/*.whl
+fi
 stage install 90 env CELLDINO_NO_EXTENSION=1 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e .
 ( t0=$(date +%s); timeout 240 python3 setup.py build_ext --inplace > "$WORK/build.log" 2>&1
   echo "build rc=$? in $(( $(date +%s) - t0 ))s" >> "$WORK/build.log" ) &

@@ -11,6 +11,7 @@ import tifffile
 import torch
 
 from benchmarks import bench_data
+from celldino.data import fused_augment
 from celldino.data.crop_params import apply_all_crop_params_torch
 
 
@@ -68,11 +69,13 @@ def test_tiny_benchmark_run():
     args.quick = True
     rows = bench_data.run(args)
     providers = {(r["op"], r["provider"]) for r in rows}
+    loader = ("decode+augment", "loader+cuda_aug" if torch.cuda.is_available() else "loader+cpp_aug")
     assert providers == {("decode", "tifffile"), ("decode", "dali_cpu"), ("decode", "dali_gpu"),
                          ("decode+augment", "reference"), ("decode+augment", "celldino_torch"),
-                         ("decode+augment", "cpp"), ("decode+augment", "dali_gpu+aug")}
-    assert len(rows) == 7 * len(bench_data.FIELDS)
+                         ("decode+augment", "cpp"), ("decode+augment", "dali_gpu+aug"), loader}
+    assert len(rows) == 8 * len(bench_data.FIELDS)
     for r in rows:
+        assert "failed" not in r["note"], r
         if r["note"].find("skipped") >= 0:
             assert math.isnan(r["median_ms"])
         else:
@@ -80,3 +83,5 @@ def test_tiny_benchmark_run():
     measured = {(r["op"], r["provider"]) for r in rows if not math.isnan(r["median_ms"])}
     assert {("decode", "tifffile"), ("decode", "dali_cpu"), ("decode+augment", "reference"),
             ("decode+augment", "celldino_torch")} <= measured
+    if fused_augment.extension_available() and not torch.cuda.is_available():
+        assert loader in measured  # the trainer's own DataLoader stream with the C++ op in its workers
