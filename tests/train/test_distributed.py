@@ -2,7 +2,6 @@
 DCP checkpoints move between world sizes (saved on 2 ranks -> resumed on 1, and back)."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,17 +11,11 @@ import torch
 
 from celldino.train.trainer import Trainer
 
-from train_helpers import tiny_cfg
+from train_helpers import free_port, tiny_cfg
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 WORKER = Path(__file__).resolve().parent / "_dist_worker.py"
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run_ranks(tmp_path, world, spec, timeout=240):
@@ -33,7 +26,7 @@ def _run_ranks(tmp_path, world, spec, timeout=240):
     spec = dict(spec, result=str(tmp_path / f"result-{world}"))
     spec_path = tmp_path / f"spec-{world}-{abs(hash(json.dumps(spec)))}.json"
     spec_path.write_text(json.dumps(spec))
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(world):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),

@@ -2,6 +2,7 @@
 
 Tiny configs: a 2-block ViT on 32 px global / 16 px local crops of the bundled
 real 16-bit sample cells, small heads: a training step takes well under a second on one CPU core."""
+import socket
 from pathlib import Path
 
 
@@ -25,3 +26,10 @@ TINY = [
 def tiny_cfg(*overrides):
     from celldino.config import load_config
     return load_config(None, TINY + list(overrides))
+
+
+def free_port():
+    """A TCP port free on localhost now (for a rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
