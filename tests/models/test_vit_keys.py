@@ -2,6 +2,7 @@
 (reference_spec.md §4.1). Models are built on the meta device: no memory, no init cost."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from celldino.models import vit_base, vit_giant2, vit_large, vit_small
 from reference_vit import spec_keys
@@ -80,3 +81,24 @@ def test_drop_path_rates():
     decay = vit_small(embed_dim=32, depth=4, num_heads=2, drop_path_rate=0.3, drop_path_uniform=False)
     assert [b.sample_drop_ratio for b in uniform.iter_blocks()] == [0.3] * 4
     assert [b.sample_drop_ratio for b in decay.iter_blocks()] == pytest.approx([0.0, 0.1, 0.2, 0.3])
+
+
+@pytest.mark.parametrize("in_chans,patch,size", [(4, 16, (64, 48)), (5, 14, (28, 42)), (3, 8, (8, 8))])
+def test_patch_embed_equals_the_reference_conv2d(in_chans, patch, size):
+    """PatchEmbed unfolds patches into one GEMM; the reference is a strided Conv2d with the same weight: equal in
+    float64, and so are the weight and bias gradients."""
+    from celldino.models.layers.patch_embed import PatchEmbed
+
+    torch.manual_seed(0)
+    embed = PatchEmbed(img_size=size, patch_size=patch, in_chans=in_chans, embed_dim=24).double()
+    x = torch.randn(3, in_chans, *size, dtype=torch.float64)
+    got = embed(x)
+    want = F.conv2d(x, embed.proj.weight, embed.proj.bias, stride=patch).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(got)
+    got_grads = torch.autograd.grad(got, (embed.proj.weight, embed.proj.bias), grad)
+    want_grads = torch.autograd.grad(
+        F.conv2d(x, embed.proj.weight, embed.proj.bias, stride=patch).flatten(2).transpose(1, 2),
+        (embed.proj.weight, embed.proj.bias), grad)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
