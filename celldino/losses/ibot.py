@@ -14,6 +14,8 @@ def patch_cross_entropy(teacher_probs, student_logits, student_temp):
 
 
 class iBOTPatchLoss(LaggedCenter):  # noqa: N801 - reference name
+    cross_entropy = staticmethod(patch_cross_entropy)  # compile_cross_entropy() swaps in a compiled one
+
     def __init__(self, patch_out_dim, student_temp=0.1, center_momentum=0.9, group=None):
         super().__init__((1, 1, patch_out_dim), center_momentum, group)
         self.student_temp = student_temp
@@ -36,7 +38,7 @@ class iBOTPatchLoss(LaggedCenter):  # noqa: N801 - reference name
 
     def forward(self, student_patch_tokens, teacher_patch_tokens, student_masks_flat):
         """Dense variant: (B, N, K) tokens, (B, N) masks; mean over images of the per-image masked mean."""
-        loss = patch_cross_entropy(teacher_patch_tokens, student_patch_tokens, self.student_temp)
+        loss = self.cross_entropy(teacher_patch_tokens, student_patch_tokens, self.student_temp)
         mask = student_masks_flat.float()
         loss = torch.sum(loss * mask, dim=-1) / mask.sum(dim=-1).clamp(min=1.0)
         return -loss.mean()
@@ -45,7 +47,7 @@ class iBOTPatchLoss(LaggedCenter):  # noqa: N801 - reference name
                        n_masked_patches=None, masks_weight=None):
         """Packed variant: rows are the masked patches only; each weighted by 1/(masked count of its image),
         summed, and divided by the number of global crops (masked or not)."""
-        loss = patch_cross_entropy(teacher_patch_tokens_masked, student_patch_tokens_masked, self.student_temp)
+        loss = self.cross_entropy(teacher_patch_tokens_masked, student_patch_tokens_masked, self.student_temp)
         if masks_weight is None:
             per_image = 1 / student_masks_flat.sum(-1).clamp(min=1.0)
             masks_weight = per_image.unsqueeze(-1).expand_as(student_masks_flat)[student_masks_flat]

@@ -4,7 +4,8 @@
 - activation checkpointing per transformer block of the student (none | full | selective: matmul and attention
   outputs saved, everything else recomputed), done by wrapping the block's forward so that parameter names and
   state-dict keys do not change;
-- `block.compile(fullgraph=True)` per block (student and teacher), in place, names unchanged;
+- `block.compile(fullgraph=True)` per block (student and teacher), in place, names unchanged, and the DINO / iBOT
+  cross-entropies compiled with dynamic row counts (`compile_cross_entropy`);
 - FSDP2 `fully_shard` per block and at the root of each of student/teacher x {backbone, dino_head, ibot_head},
   with the MixedPrecisionPolicy and reshard behaviour (ZeRO-2 / ZeRO-3) of the plan; the packed multi-crop entry
   points (`forward_features_list`, `forward_features`) are registered as FSDP forward methods.
@@ -208,8 +209,11 @@ def parallelize(model, plan, device, mesh=None):
     if plan.compile:
         compile_blocks(model.student.backbone, plan.compile_mode)
         compile_blocks(model.teacher.backbone, plan.compile_mode)
-        logger.info("torch.compile(fullgraph=True, mode=%s) per transformer block (student and teacher)",
-                    plan.compile_mode)
+        for loss in (model.dino_loss, getattr(model, "ibot_patch_loss", None)):
+            if loss is not None:
+                loss.compile_cross_entropy()
+        logger.info("torch.compile(fullgraph=True, mode=%s) per transformer block (student and teacher); the "
+                    "DINO / iBOT cross-entropies compiled with dynamic shapes", plan.compile_mode)
     model.to(device)  # FSDP2 shards what is already on the mesh's device
     if not plan.fsdp:
         return model

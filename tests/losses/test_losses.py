@@ -34,6 +34,36 @@ def test_dino_forward_sums_every_student_teacher_pair():
     assert torch.allclose(got.double(), expected, rtol=1e-5)
 
 
+@pytest.mark.slow
+def test_compiled_cross_entropies_equal_eager_in_value_and_gradient():
+    """compile_cross_entropy (what the trainer does with train.compile): same losses and student gradients as the
+    eager formulas, to fp32 rounding, for bf16 and fp32 logits and for row counts that change between calls
+    (dynamic shapes: the iBOT row count is the batch's masked-patch count)."""
+    torch.manual_seed(3)
+    dino_eager, dino_compiled = DINOLoss(101), DINOLoss(101)
+    ibot_eager, ibot_compiled = iBOTPatchLoss(101), iBOTPatchLoss(101)
+    dino_compiled.compile_cross_entropy()
+    ibot_compiled.compile_cross_entropy()
+    for rows, dtype in ((7, torch.float32), (12, torch.bfloat16), (5, torch.bfloat16)):
+        logits = (3 * torch.randn(4 * rows, 101)).to(dtype)
+        teacher = torch.softmax(torch.randn(2, rows, 101), -1)
+        masks = torch.rand(2, 9) < 0.6
+        masks[0, 0] = True
+        n_masked = int(masks.sum())
+        patch_logits = (3 * torch.randn(n_masked, 101)).to(dtype)
+        patch_teacher = torch.softmax(torch.randn(n_masked, 101), -1)
+        results = []
+        for dino, ibot in ((dino_eager, ibot_eager), (dino_compiled, ibot_compiled)):
+            s, p = logits.clone().requires_grad_(), patch_logits.clone().requires_grad_()
+            loss_dino = dino(s.chunk(4), teacher)
+            loss_ibot = ibot.forward_masked(p, patch_teacher, masks, n_masked_patches=n_masked)
+            (loss_dino + loss_ibot).backward()
+            results.append((loss_dino.detach(), loss_ibot.detach(), s.grad, p.grad))
+        for got, want in zip(results[1], results[0]):
+            tol = 1e-5 if got.dtype == torch.float32 else 1e-2
+            torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
 def test_dino_centering_is_lagged_one_step():
     torch.manual_seed(2)
     K, T = 17, 0.04
