@@ -235,7 +235,8 @@ class SSLMetaArch(nn.Module):
 
     @torch.no_grad()
     def update_teacher(self, momentum):
-        """teacher <- m * teacher + (1 - m) * student, one foreach op over all parameters."""
+        """teacher <- m * teacher + (1 - m) * student, one foreach lerp over all parameters (one pass over the
+        teacher instead of the reference's mul_ then add_; as accurate or better: tested against float64)."""
         student_params, teacher_params = [], []
         for key in self.student.keys():
             s_params = list(self.student[key].parameters())
@@ -245,5 +246,4 @@ class SSLMetaArch(nn.Module):
             # FSDP2: both are sharded alike, so the update runs on the local shards
             student_params += [_local(p) for p in s_params]
             teacher_params += [_local(p) for p in t_params]
-        torch._foreach_mul_(teacher_params, momentum)
-        torch._foreach_add_(teacher_params, student_params, alpha=1 - momentum)
+        torch._foreach_lerp_(teacher_params, student_params, 1 - momentum)

@@ -205,7 +205,10 @@ def test_teacher_starts_as_the_student_and_ema_update():
     before_s = [p.detach().clone() for p in model.student.parameters()]
     model.update_teacher(0.9)
     for t0, s0, t1 in zip(before_t, before_s, model.teacher.parameters()):
-        torch.testing.assert_close(t1, 0.9 * t0 + 0.1 * s0, rtol=1e-12, atol=1e-12)
+        # error vs float64 at most 2x that of the reference's fp32 mul_ + add_ (the kernel rule), plus a floor
+        want = 0.9 * t0.double() + 0.1 * s0.double()
+        reference_error = ((0.9 * t0 + 0.1 * s0).double() - want).abs().max()
+        assert (t1.double() - want).abs().max() <= 2 * reference_error + 1e-7 * want.abs().max()
     # the student is untouched
     for s0, s1 in zip(before_s, model.student.parameters()):
         assert torch.equal(s0, s1)
