@@ -12,7 +12,7 @@ import random
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, default_collate
 
 from celldino.data import build_dataset
 from celldino.data.collate import collate_data_and_cast, collate_masks
@@ -133,7 +133,9 @@ def _pending_crops(samples, stack):
 
     images = [s[0][0] for s in samples]
     same = stack and len({(tuple(img.shape), img.dtype) for img in images}) == 1
-    return {"raw_images": torch.stack(images) if same else images,
+    # default_collate stacks straight into shared memory inside a DataLoader worker (saves a copy of the batch
+    # when it is sent to the training process); elsewhere it is torch.stack
+    return {"raw_images": default_collate(images) if same else images,
             "crop_params": concat_crop_params([s[0][1] for s in samples])}
 
 

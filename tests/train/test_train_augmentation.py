@@ -17,11 +17,11 @@ needs_ext = pytest.mark.skipif(not fused_augment.extension_available(),
 class Fields(torch.utils.data.Dataset):
     """4-channel uint16 fields of varying sizes with cell-like blobs (so crops and normalisation are non-trivial)."""
 
-    def __init__(self, n=12):
+    def __init__(self, n=12, same_size=False):
         rng = np.random.default_rng(0)
         self.images = []
         for i in range(n):
-            h, w = 40 + 3 * i, 52 - i
+            h, w = (44, 50) if same_size else (40 + 3 * i, 52 - i)
             blobs = np.kron(rng.gamma(2.0, 400.0, (4, h // 8 + 1, w // 8 + 1)), np.ones((8, 8)))[:, :h, :w]
             self.images.append(torch.from_numpy(rng.poisson(blobs + 50).astype(np.uint16)))
 
@@ -36,9 +36,9 @@ def _cfg(mode, *extra):
     return tiny_cfg("student.in_chans=4", "teacher.in_chans=4", f"train.augmentation={mode}", *extra)
 
 
-def _batches(mode, n=2, num_workers=0):
+def _batches(mode, n=2, num_workers=0, same_size=False):
     cfg = _cfg(mode, f"train.num_workers={num_workers}")
-    loader = build_train_loader(cfg, start_iter=1, dataset=Fields())
+    loader = build_train_loader(cfg, start_iter=1, dataset=Fields(same_size=same_size))
     out = []
     for batch, _ in zip(loader, range(n)):
         out.append(augment_on_device(batch, torch.device("cpu"), torch.float32))
@@ -46,10 +46,13 @@ def _batches(mode, n=2, num_workers=0):
 
 
 @needs_ext
-@pytest.mark.parametrize("mode,workers", [("fused_cpu", 0), ("fused_cpu", 2), ("fused_device", 0)])
-def test_fused_batches_equal_the_torch_batches(mode, workers):
-    reference = _batches("torch")
-    fused = _batches(mode, num_workers=workers)
+@pytest.mark.parametrize("mode,workers,same_size", [("fused_cpu", 0, False), ("fused_cpu", 2, False),
+                                                    ("fused_device", 0, False), ("fused_device", 2, True)])
+def test_fused_batches_equal_the_torch_batches(mode, workers, same_size):
+    """fused_device with workers and equal-size images: the raw images travel as one batch tensor stacked in the
+    worker's shared memory."""
+    reference = _batches("torch", same_size=same_size)
+    fused = _batches(mode, num_workers=workers, same_size=same_size)
     for ref, got in zip(reference, fused):
         assert got["iteration"] == ref["iteration"]
         for key in ("collated_masks", "mask_indices_list", "masks_weight", "n_masked_patches"):
@@ -68,6 +71,9 @@ def test_fused_device_batch_waits_for_the_device_step():
     batch = next(iter(loader))
     assert batch["raw_images"][0].dtype == torch.uint16 and len(batch["crop_params"]) == 4 * (2 + 2)
     assert "collated_global_crops" not in batch
+    assert isinstance(batch["raw_images"], list)  # sizes differ: one tensor per image
+    same = next(iter(build_train_loader(_cfg("fused_device", "train.num_workers=2"), dataset=Fields(same_size=True))))
+    assert same["raw_images"].shape == (4, 4, 44, 50)  # equal sizes: one batch tensor (one pinned copy to the GPU)
     done = augment_on_device(batch, torch.device("cpu"), torch.bfloat16)
     assert done["collated_global_crops"].dtype == torch.bfloat16
     assert done["collated_global_crops"].shape == (8, 4, 32, 32) and done["collated_local_crops"].shape == (8, 4, 16, 16)
