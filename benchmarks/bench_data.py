@@ -243,7 +243,6 @@ def loader_rate(directory, channels, batch, workers, device, steps):
     from celldino.config import load_config
     from celldino.train.data import augment_on_device, build_train_loader
 
-
     on_device = device.type == "cuda"
     cfg = load_config("cell_dino/vitl16_hpaone", [
         f"train.dataset_path=Folder:root={directory}:labels=false", f"train.batch_size_per_gpu={batch}",

@@ -80,7 +80,8 @@ def _numba_ready() -> bool:
     """Compile (or load from numba's cache) the placement loop in this process, once. Done when a generator is
     built, before DataLoader workers fork: a worker that compiles on its first batch imports numba's and scipy's
     modules after fork, and that import deadlocked in bench_data's workers (its process had run DALI pipelines and
-    thread pools before forking); forked workers also skip the compile. False (and a warning) when numba cannot compile here."""
+    thread pools before forking); forked workers also skip the compile. False (and a warning) when numba cannot
+    compile here."""
     global _NUMBA_STATE
     if _NUMBA_STATE is None:
         try:
