@@ -286,6 +286,11 @@ if triton_available():
         return tl.program_id(0) // n_heads, (tl.program_id(0) % n_heads).to(tl.int64)
 
     @triton.jit
+    def _tile_offsets(head, rows64, dims, stride_t, stride_h, stride_d):
+        """Element offsets of the [rows, dims] tile of one head in a [tokens, heads, head_dim] tensor."""
+        return head * stride_h + rows64[:, None] * stride_t + dims[None, :] * stride_d
+
+    @triton.jit
     def _tile_ranges(TILES, tile_id):
         """(row_lo, row_hi, key_lo, key_hi) of one tile-table entry (TileTable.tiles)."""
         entry = TILES + tile_id * 5
@@ -304,9 +309,9 @@ if triton_available():
             cols = start + tl.arange(0, BLOCK_N)
             col_ok = cols < key_hi
             cols64 = cols.to(tl.int64)
-            k = tl.load(K + head * stride_kh + cols64[:, None] * stride_kt + dims[None, :] * stride_kd,
+            k = tl.load(K + _tile_offsets(head, cols64, dims, stride_kt, stride_kh, stride_kd),
                         mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-            v = tl.load(V + head * stride_vh + cols64[:, None] * stride_vt + dims[None, :] * stride_vd,
+            v = tl.load(V + _tile_offsets(head, cols64, dims, stride_vt, stride_vh, stride_vd),
                         mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
             if MASKED:
@@ -343,7 +348,7 @@ if triton_available():
         dim_ok = dims < HEAD_DIM
         rows64 = rows.to(tl.int64)
         crop_q = tl.load(CROP + rows, mask=row_ok, other=-1)
-        q = tl.load(Q + head * stride_qh + rows64[:, None] * stride_qt + dims[None, :] * stride_qd,
+        q = tl.load(Q + _tile_offsets(head, rows64, dims, stride_qt, stride_qh, stride_qd),
                     mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
 
         m_i = tl.full([TILE], float("-inf"), tl.float32)
@@ -360,7 +365,7 @@ if triton_available():
 
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only padding rows have no key at all
         out = acc / l_safe[:, None]
-        tl.store(O + head * stride_oh + rows64[:, None] * stride_ot + dims[None, :] * stride_od,
+        tl.store(O + _tile_offsets(head, rows64, dims, stride_ot, stride_oh, stride_od),
                  out.to(O.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
         tl.store(LSE + head * stride_lh + rows64, m_i + tl.log2(l_safe), mask=row_ok)
 
@@ -391,10 +396,8 @@ if triton_available():
             keys64 = keys.to(tl.int64)
             crop_k = tl.load(CROP + keys, mask=key_ok, other=-1)
             kv_mask = key_ok[:, None] & dim_ok[None, :]
-            k = tl.load(K + head * stride_kh + keys64[:, None] * stride_kt + dims[None, :] * stride_kd,
-                        mask=kv_mask, other=0.0)
-            v = tl.load(V + head * stride_vh + keys64[:, None] * stride_vt + dims[None, :] * stride_vd,
-                        mask=kv_mask, other=0.0)
+            k = tl.load(K + _tile_offsets(head, keys64, dims, stride_kt, stride_kh, stride_kd), mask=kv_mask, other=0.0)
+            v = tl.load(V + _tile_offsets(head, keys64, dims, stride_vt, stride_vh, stride_vd), mask=kv_mask, other=0.0)
             dk = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
             dv = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
             for qs in range(lo, hi, BLOCK_N):
@@ -403,11 +406,11 @@ if triton_available():
                 qrows64 = qrows.to(tl.int64)
                 q_mask = q_ok[:, None] & dim_ok[None, :]
                 crop_q = tl.load(CROP + qrows, mask=q_ok, other=-2)
-                q = tl.load(Q + head * stride_qh + qrows64[:, None] * stride_qt + dims[None, :] * stride_qd,
+                q = tl.load(Q + _tile_offsets(head, qrows64, dims, stride_qt, stride_qh, stride_qd),
                             mask=q_mask, other=0.0)
-                do = tl.load(DO + head * stride_doh + qrows64[:, None] * stride_dot + dims[None, :] * stride_dod,
+                do = tl.load(DO + _tile_offsets(head, qrows64, dims, stride_dot, stride_doh, stride_dod),
                              mask=q_mask, other=0.0)
-                o = tl.load(O + head * stride_oh + qrows64[:, None] * stride_ot + dims[None, :] * stride_od,
+                o = tl.load(O + _tile_offsets(head, qrows64, dims, stride_ot, stride_oh, stride_od),
                             mask=q_mask, other=0.0)
                 lse = tl.load(LSE + head * stride_lh + qrows64, mask=q_ok, other=0.0)
                 delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
@@ -418,17 +421,17 @@ if triton_available():
                 ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
                 dk += tl.dot(ds_t, q, input_precision=DOT_PRECISION)
                 dq = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION)  # [queries, dims], this key tile
-                acc_ptrs = DQ_ACC + head * stride_ah + qrows64[:, None] * stride_at + dims[None, :] * stride_ad
+                acc_ptrs = DQ_ACC + _tile_offsets(head, qrows64, dims, stride_at, stride_ah, stride_ad)
                 if kt != lo:
                     dq += tl.load(acc_ptrs, mask=q_mask, other=0.0)
                 if kt + BLOCK_K >= hi:
-                    tl.store(DQ + head * stride_gh + qrows64[:, None] * stride_gt + dims[None, :] * stride_gd,
+                    tl.store(DQ + _tile_offsets(head, qrows64, dims, stride_gt, stride_gh, stride_gd),
                              (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
                 else:
                     tl.store(acc_ptrs, dq, mask=q_mask)
-            tl.store(DK + head * stride_gh + keys64[:, None] * stride_gt + dims[None, :] * stride_gd,
+            tl.store(DK + _tile_offsets(head, keys64, dims, stride_gt, stride_gh, stride_gd),
                      (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
-            tl.store(DV + head * stride_gh + keys64[:, None] * stride_gt + dims[None, :] * stride_gd,
+            tl.store(DV + _tile_offsets(head, keys64, dims, stride_gt, stride_gh, stride_gd),
                      dv.to(DV.dtype.element_ty), mask=kv_mask)
             tl.debug_barrier()  # DQ_ACC written above is read by other threads in the next key tile
 
@@ -442,9 +445,8 @@ if triton_available():
         dims = tl.arange(0, BLOCK_D)
         rows64 = rows.to(tl.int64)
         ok = (rows < total_tokens)[:, None] & (dims < HEAD_DIM)[None, :]
-        o = tl.load(O + head * stride_oh + rows64[:, None] * stride_ot + dims[None, :] * stride_od, mask=ok, other=0.0)
-        do = tl.load(DO + head * stride_dh + rows64[:, None] * stride_dt + dims[None, :] * stride_dd, mask=ok,
-                     other=0.0)
+        o = tl.load(O + _tile_offsets(head, rows64, dims, stride_ot, stride_oh, stride_od), mask=ok, other=0.0)
+        do = tl.load(DO + _tile_offsets(head, rows64, dims, stride_dt, stride_dh, stride_dd), mask=ok, other=0.0)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
         tl.store(DELTA + head * stride_lh + rows64, delta, mask=rows < total_tokens)
 
@@ -469,10 +471,8 @@ if triton_available():
         keys64 = keys.to(tl.int64)
         crop_k = tl.load(CROP + keys, mask=key_ok, other=-1)
         kv_mask = key_ok[:, None] & dim_ok[None, :]
-        k = tl.load(K + head * stride_kh + keys64[:, None] * stride_kt + dims[None, :] * stride_kd, mask=kv_mask,
-                    other=0.0)
-        v = tl.load(V + head * stride_vh + keys64[:, None] * stride_vt + dims[None, :] * stride_vd, mask=kv_mask,
-                    other=0.0)
+        k = tl.load(K + _tile_offsets(head, keys64, dims, stride_kt, stride_kh, stride_kd), mask=kv_mask, other=0.0)
+        v = tl.load(V + _tile_offsets(head, keys64, dims, stride_vt, stride_vh, stride_vd), mask=kv_mask, other=0.0)
         dk = tl.zeros([TILE, BLOCK_D], tl.float32)
         dv = tl.zeros([TILE, BLOCK_D], tl.float32)
         for start in range(key_lo, key_hi, BLOCK_N):
@@ -481,9 +481,8 @@ if triton_available():
             qrows64 = qrows.to(tl.int64)
             crop_q = tl.load(CROP + qrows, mask=q_ok, other=-2)
             q_mask = q_ok[:, None] & dim_ok[None, :]
-            q = tl.load(Q + head * stride_qh + qrows64[:, None] * stride_qt + dims[None, :] * stride_qd, mask=q_mask,
-                        other=0.0)
-            do = tl.load(DO + head * stride_doh + qrows64[:, None] * stride_dot + dims[None, :] * stride_dod,
+            q = tl.load(Q + _tile_offsets(head, qrows64, dims, stride_qt, stride_qh, stride_qd), mask=q_mask, other=0.0)
+            do = tl.load(DO + _tile_offsets(head, qrows64, dims, stride_dot, stride_doh, stride_dod),
                          mask=q_mask, other=0.0)
             lse = tl.load(LSE + head * stride_lh + qrows64, mask=q_ok, other=0.0)
             delta = tl.load(DELTA + head * stride_lh + qrows64, mask=q_ok, other=0.0)
@@ -494,9 +493,9 @@ if triton_available():
             ds_t = p_t * (dp_t - delta[None, :])
             dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
         dk *= sm_scale
-        tl.store(DK + head * stride_gh + keys64[:, None] * stride_gt + dims[None, :] * stride_gd,
+        tl.store(DK + _tile_offsets(head, keys64, dims, stride_gt, stride_gh, stride_gd),
                  dk.to(DK.dtype.element_ty), mask=kv_mask)
-        tl.store(DV + head * stride_gh + keys64[:, None] * stride_gt + dims[None, :] * stride_gd,
+        tl.store(DV + _tile_offsets(head, keys64, dims, stride_gt, stride_gh, stride_gd),
                  dv.to(DV.dtype.element_ty), mask=kv_mask)
 
     @triton.jit
@@ -519,10 +518,8 @@ if triton_available():
         rows64 = rows.to(tl.int64)
         crop_q = tl.load(CROP + rows, mask=row_ok, other=-1)
         q_mask = row_ok[:, None] & dim_ok[None, :]
-        q = tl.load(Q + head * stride_qh + rows64[:, None] * stride_qt + dims[None, :] * stride_qd, mask=q_mask,
-                    other=0.0)
-        do = tl.load(DO + head * stride_doh + rows64[:, None] * stride_dot + dims[None, :] * stride_dod, mask=q_mask,
-                     other=0.0)
+        q = tl.load(Q + _tile_offsets(head, rows64, dims, stride_qt, stride_qh, stride_qd), mask=q_mask, other=0.0)
+        do = tl.load(DO + _tile_offsets(head, rows64, dims, stride_dot, stride_doh, stride_dod), mask=q_mask, other=0.0)
         lse = tl.load(LSE + head * stride_lh + rows64, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + head * stride_lh + rows64, mask=row_ok, other=0.0)
         dq = tl.zeros([TILE, BLOCK_D], tl.float32)
@@ -532,17 +529,15 @@ if triton_available():
             cols64 = cols.to(tl.int64)
             crop_k = tl.load(CROP + cols, mask=col_ok, other=-2)
             kv_mask = col_ok[:, None] & dim_ok[None, :]
-            k = tl.load(K + head * stride_kh + cols64[:, None] * stride_kt + dims[None, :] * stride_kd, mask=kv_mask,
-                        other=0.0)
-            v = tl.load(V + head * stride_vh + cols64[:, None] * stride_vt + dims[None, :] * stride_vd, mask=kv_mask,
-                        other=0.0)
+            k = tl.load(K + _tile_offsets(head, cols64, dims, stride_kt, stride_kh, stride_kd), mask=kv_mask, other=0.0)
+            v = tl.load(V + _tile_offsets(head, cols64, dims, stride_vt, stride_vh, stride_vd), mask=kv_mask, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
             p = tl.exp2(tl.where(crop_q[:, None] == crop_k[None, :], s - lse[:, None], float("-inf")))
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
         dq *= sm_scale
-        tl.store(DQ + head * stride_gh + rows64[:, None] * stride_gt + dims[None, :] * stride_gd,
+        tl.store(DQ + _tile_offsets(head, rows64, dims, stride_gt, stride_gh, stride_gd),
                  dq.to(DQ.dtype.element_ty), mask=q_mask)
 
     def _configs(*specs):
