@@ -372,7 +372,7 @@ class _DecodeThreadsProbe(torch.utils.data.Dataset):
 
 def test_dataloader_workers_decode_tiffs_single_threaded(tmp_path, monkeypatch):
     """seed_worker sets one decode thread per worker (the workers are the parallelism); the main process keeps
-    tifffile's default; the setting reaches tifffile's asarray."""
+    the default; the setting reaches both decoders (tiff_strips, and tifffile's asarray for what it leaves)."""
     from celldino.data import io as celldino_io
     from celldino.data.loaders import seed_worker
 
@@ -382,17 +382,24 @@ def test_dataloader_workers_decode_tiffs_single_threaded(tmp_path, monkeypatch):
     assert celldino_io._decode_threads is None
 
     import tifffile
-    path = tmp_path / "a.tif"
-    tifffile.imwrite(path, np.zeros((3, 8, 8), np.uint16), compression="zlib")
+    deflate, plain = tmp_path / "a.tif", tmp_path / "b.tif"
+    tifffile.imwrite(deflate, np.zeros((3, 8, 8), np.uint16), compression="zlib")
+    tifffile.imwrite(plain, np.zeros((3, 8, 8), np.uint16), compression="lzw")  # a layout tiff_strips leaves
     seen = []
-    original = tifffile.TiffPageSeries.asarray
+    original_asarray, original_fast = tifffile.TiffPageSeries.asarray, celldino_io.decode_series
 
-    def spy(self, *args, **kwargs):
-        seen.append(kwargs.get("maxworkers"))
-        return original(self, *args, **kwargs)
+    def spy_asarray(self, *args, **kwargs):
+        seen.append(("tifffile", kwargs.get("maxworkers")))
+        return original_asarray(self, *args, **kwargs)
 
-    monkeypatch.setattr(tifffile.TiffPageSeries, "asarray", spy)
+    def spy_fast(tf, series, threads):
+        seen.append(("tiff_strips", threads))
+        return original_fast(tf, series, threads)
+
+    monkeypatch.setattr(tifffile.TiffPageSeries, "asarray", spy_asarray)
+    monkeypatch.setattr(celldino_io, "decode_series", spy_fast)
     monkeypatch.setattr(celldino_io, "_decode_threads", None)
     celldino_io.set_decode_threads(1)
-    celldino_io._read_tiff(str(path), 0)
-    assert seen == [1]
+    celldino_io._read_tiff(str(deflate), 0)
+    celldino_io._read_tiff(str(plain), 0)
+    assert seen == [("tiff_strips", 1), ("tiff_strips", 1), ("tifffile", 1)]

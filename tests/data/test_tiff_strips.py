@@ -1,0 +1,104 @@
+"""The fast strip decoder (celldino.data.tiff_strips) against tifffile, bit for bit, on every layout it takes, and
+the layouts it must leave to tifffile."""
+import numpy as np
+import pytest
+import tifffile
+
+from celldino.data import tiff_strips
+from celldino.data.io import ImageReadError, read_image
+
+pytest.importorskip("imagecodecs")
+
+rng = np.random.default_rng(7)
+
+
+def _pixels(shape, dtype):
+    dtype = np.dtype(dtype)
+    if dtype.kind == "f":
+        return rng.normal(size=shape).astype(dtype)
+    info = np.iinfo(dtype)
+    return rng.integers(info.min, int(info.max) + 1, size=shape, dtype=dtype)
+
+
+def _fast(path, threads=1):
+    with tifffile.TiffFile(path) as tf:
+        return tiff_strips.decode_series(tf, tf.series[0], threads=threads)
+
+
+# (array shape, imwrite keyword arguments): interleaved and planar samples, several pages, odd sizes, a last strip
+# shorter than the others, one row per strip, predictors, uint8 / uint16 / int16 / uint32 / float32
+TAKEN = [
+    ((37, 53, 5), dict(photometric="minisblack", planarconfig="contig", compression="zlib", rowsperstrip=8)),
+    ((5, 37, 53), dict(photometric="minisblack", planarconfig="separate", compression="zlib", rowsperstrip=7)),
+    ((4, 31, 29), dict(photometric="minisblack", compression="zlib")),  # 4 pages (tifffile's default for C,Y,X)
+    ((64, 48), dict(photometric="minisblack", compression="zlib", rowsperstrip=1)),
+    ((40, 33, 3), dict(photometric="rgb", compression="zlib", predictor=True, rowsperstrip=9)),
+    ((3, 40, 33), dict(photometric="minisblack", planarconfig="separate", compression="zlib", predictor=True)),
+    ((21, 19, 4), dict(photometric="minisblack", planarconfig="contig", compression="zstd", rowsperstrip=5)),
+    ((2, 45, 50), dict(photometric="minisblack", compression="zstd", predictor=True, rowsperstrip=6)),
+]
+DTYPES = ["uint8", "uint16", "int16", "uint32", "float32"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,kwargs", TAKEN)
+def test_fast_path_equals_tifffile(tmp_path, shape, kwargs, dtype):
+    if kwargs.get("predictor") and np.dtype(dtype).kind == "f":
+        kwargs = dict(kwargs, predictor=False)  # floating-point prediction is left to tifffile (tested below)
+    if kwargs.get("photometric") == "rgb" and dtype != "uint8":
+        kwargs = dict(kwargs, photometric="minisblack")
+    path = str(tmp_path / "x.tif")
+    data = _pixels(shape, dtype)
+    tifffile.imwrite(path, data, **kwargs)
+    want = tifffile.imread(path)
+    got = _fast(path)
+    assert got is not None, "this layout should take the fast path"
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(_fast(path, threads=3), want)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(compression=None),  # uncompressed: tifffile reads it straight into the array already
+    dict(compression="zlib", tile=(16, 16)),
+    dict(compression="zlib", byteorder=">"),
+    dict(compression="lzw"),
+    dict(compression="zlib", predictor=3),  # floating-point predictor
+])
+def test_other_layouts_are_left_to_tifffile(tmp_path, kwargs):
+    dtype = "float32" if kwargs.get("predictor") == 3 else "uint16"
+    path = str(tmp_path / "x.tif")
+    data = _pixels((3, 40, 48), dtype)
+    tifffile.imwrite(path, data, photometric="minisblack", **kwargs)
+    assert _fast(path) is None
+    np.testing.assert_array_equal(read_image(path), data)  # and read_image still reads it (tifffile)
+
+
+def test_read_image_uses_it_and_returns_channels_first(tmp_path, monkeypatch):
+    path = str(tmp_path / "field.tif")
+    data = _pixels((33, 41, 5), "uint16")
+    tifffile.imwrite(path, data, photometric="minisblack", planarconfig="contig", compression="zlib",
+                     rowsperstrip=4)
+    calls = []
+    original = tiff_strips.decode_series
+
+    def spy(*args, **kwargs):
+        calls.append(original(*args, **kwargs))
+        return calls[-1]
+
+    monkeypatch.setattr("celldino.data.io.decode_series", spy)
+    np.testing.assert_array_equal(read_image(path), np.moveaxis(data, -1, 0))
+    assert len(calls) == 1 and calls[0] is not None
+
+
+def test_a_corrupt_strip_falls_back_to_tifffile_and_its_error(tmp_path):
+    path = tmp_path / "bad.tif"
+    tifffile.imwrite(str(path), _pixels((3, 40, 48), "uint16"), photometric="minisblack", compression="zlib")
+    with tifffile.TiffFile(str(path)) as tf:
+        offset = int(tf.pages[1].dataoffsets[0])
+    raw = bytearray(path.read_bytes())
+    raw[offset + 2: offset + 40] = bytes(38)  # garbage inside the second page's deflate stream
+    path.write_bytes(bytes(raw))
+    assert _fast(str(path)) is None
+    with pytest.raises(ImageReadError, match="bad.tif"):
+        read_image(str(path))
