@@ -1,15 +1,15 @@
-"""Fast decoding of compressed strip TIFFs (deflate, zstd), the layout microscopes and tifffile write by default.
+"""Fast decoding of compressed strip TIFFs (deflate, zstd, LZW), the layouts microscopes and tifffile write.
 
 tifffile decodes such a page strip by strip through Python: it slices each compressed strip out of the read
-buffer (a copy), decodes it into a temporary array and copies that into the result. Here the strips are inflated
-by imagecodecs (libdeflate / zstd) straight into the output array, from one read of the pages' data: 1.45x faster
-on a 5 x 1080 x 1080 uint16 deflate field (45 -> 31 ms per field on one core of the 2-core dev machine), which is
-most of what a DataLoader worker does per sample on deflate data.
+buffer (a copy), decodes it into a temporary array and copies that into the result. Here the strips are decoded
+by imagecodecs (libdeflate / zstd / LZW) straight into the output array, from one read of the pages' data: 1.45x
+faster on a 5 x 1080 x 1080 uint16 deflate field (45 -> 31 ms per field on one core of the 2-core dev machine),
+which is most of what a DataLoader worker does per sample on deflate data (LZW: 1.1x, its decoder dominates).
 
-Only layouts this module knows exactly are taken: strips (not tiles), deflate / zstd, no predictor or horizontal
-differencing (integers), one sample depth, little-endian multi-byte samples, all pages of the series in this file
-and alike. Anything else, and any error on the way (a corrupt strip, a short read), returns None and the caller
-decodes with tifffile, which stays the authority for every file (tests compare the two bit for bit).
+Only layouts this module knows exactly are taken: strips (not tiles), deflate / zstd / LZW, no predictor or
+horizontal differencing (integers), one sample depth, little-endian multi-byte samples, all pages of the series
+in this file and alike. Anything else, and any error on the way (a corrupt strip, a short read), returns None and
+the caller decodes with tifffile, which stays the authority for every file (tests compare the two bit for bit).
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import numpy as np
 
 _DEFLATE = (8, 32946)  # ADOBE_DEFLATE, DEFLATE
 _ZSTD = (50000,)
+_LZW = (5,)
 _WASTE_LIMIT = 2.0  # read the data span at most this much larger than the strips themselves (else: tifffile)
 
 
@@ -32,6 +33,8 @@ def _codec(compression):
         return imagecodecs.deflate_decode
     if compression in _ZSTD and imagecodecs.ZSTD.available:
         return imagecodecs.zstd_decode
+    if compression in _LZW and imagecodecs.LZW.available:
+        return imagecodecs.lzw_decode
     return None
 
 

@@ -36,6 +36,8 @@ TAKEN = [
     ((3, 40, 33), dict(photometric="minisblack", planarconfig="separate", compression="zlib", predictor=True)),
     ((21, 19, 4), dict(photometric="minisblack", planarconfig="contig", compression="zstd", rowsperstrip=5)),
     ((2, 45, 50), dict(photometric="minisblack", compression="zstd", predictor=True, rowsperstrip=6)),
+    ((27, 35, 4), dict(photometric="minisblack", planarconfig="contig", compression="lzw", rowsperstrip=4)),
+    ((3, 26, 31), dict(photometric="minisblack", compression="lzw", predictor=True)),
 ]
 DTYPES = ["uint8", "uint16", "int16", "uint32", "float32"]
 
@@ -62,7 +64,7 @@ def test_fast_path_equals_tifffile(tmp_path, shape, kwargs, dtype):
     dict(compression=None),  # uncompressed: tifffile reads it straight into the array already
     dict(compression="zlib", tile=(16, 16)),
     dict(compression="zlib", byteorder=">"),
-    dict(compression="lzw"),
+    dict(compression="packbits"),
     dict(compression="zlib", predictor=3),  # floating-point predictor
 ])
 def test_other_layouts_are_left_to_tifffile(tmp_path, kwargs):
