@@ -62,7 +62,9 @@ def main():
         SSLMetaArch.compute_losses = compute_losses
     cfg = tiny_cfg(*spec["overrides"])
     trainer = Trainer(cfg, spec["output_dir"], resume=spec.get("resume", True))
-    result = {"rank": rank, "world": world, "start_iteration": trainer.start_iter}
+    from torch.distributed.tensor import DTensor
+    result = {"rank": rank, "world": world, "start_iteration": trainer.start_iter,
+              "sharded": any(isinstance(p, DTensor) for p in trainer.model.student.parameters())}
     try:
         if spec.get("compare_teacher"):
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from celldino.train import distributed
 from celldino.train.trainer import Trainer
 
 from train_helpers import free_port, tiny_cfg
@@ -77,6 +78,27 @@ def test_two_ranks_match_one_rank_on_the_same_global_batch(tmp_path):
         assert [it for it, _ in result["loss_history"]] == [0, 1, 2, 3]
         for (_, got), (_, want) in zip(result["loss_history"], reference):
             assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_one_process_fsdp2_trains_like_the_unsharded_process(tmp_path):
+    """train.fsdp=true in one process: FSDP2 on a 1-rank group (bench_train_fsdp's setting) gives the unsharded
+    process's losses (fp32, CPU) to 1e-5 relative over 4 steps, with the student really sharded (DTensors)."""
+    common = ["optim.epochs=1", "train.OFFICIAL_EPOCH_LENGTH=4", "evaluation.eval_period_iterations=0",
+              "optim.base_lr=0.05", "train.checkpoint_period=100", "student.layerscale=1.0",
+              "train.batch_size_per_gpu=8"]
+    from _dist_worker import synthetic_batches
+    trainer = Trainer(tiny_cfg(*common), tmp_path / "plain")
+    try:
+        assert not distributed.is_initialized()
+        reference = trainer.run(synthetic_batches(trainer.cfg, 0, 1, trainer.max_iter))["loss_history"]
+    finally:
+        trainer.close()
+    (result,) = _run_ranks(tmp_path, 1, {"overrides": common + ["train.fsdp=true"],
+                                         "output_dir": str(tmp_path / "fsdp"), "synthetic": True})
+    assert result["world"] == 1 and result["sharded"]
+    assert [it for it, _ in result["loss_history"]] == [0, 1, 2, 3]
+    for (_, got), (_, want) in zip(result["loss_history"], reference):
+        assert got == pytest.approx(want, rel=1e-5)
 
 
 def test_checkpoint_moves_between_world_sizes(tmp_path):
