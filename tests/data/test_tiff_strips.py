@@ -104,3 +104,19 @@ def test_a_corrupt_strip_falls_back_to_tifffile_and_its_error(tmp_path):
     assert _fast(str(path)) is None
     with pytest.raises(ImageReadError, match="bad.tif"):
         read_image(str(path))
+
+
+def test_every_bundled_sample_tiff_decodes_like_tifffile():
+    """The real microscopy TIFFs of data/sample (single-page and multi-page deflate, uint8 and uint16)."""
+    import glob
+    import os
+
+    root = os.path.join(os.path.dirname(__file__), "..", "..", "data", "sample")
+    paths = sorted(glob.glob(os.path.join(root, "**", "*.tif*"), recursive=True))
+    assert len(paths) > 100
+    for path in paths:
+        with tifffile.TiffFile(path) as tf:
+            series = tf.series[0]
+            got = tiff_strips.decode_series(tf, series)
+            assert got is not None, path
+            np.testing.assert_array_equal(got, series.asarray(), err_msg=path)
