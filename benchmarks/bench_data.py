@@ -48,6 +48,9 @@ def add_arguments(parser):
     parser.add_argument("--data-size", type=int, default=None,
                         help="field side in pixels (default 1080 on GPU, 320 on CPU / --quick)")
     parser.add_argument("--data-batch", type=int, default=32, help="DALI batch size on GPU")
+    parser.add_argument("--data-workers", type=int, default=None,
+                        help="DataLoader workers of the loader rows (default: on a GPU the trainer's default of 10, "
+                             "fewer on small hosts; on CPU one per core)")
     parser.add_argument("--data-fields", default=None, metavar="C:COMPRESSION[,...]",
                         help="field kinds to time (default all: 4:none,4:deflate,5:none,5:deflate)")
 
@@ -366,8 +369,10 @@ def run(args):
                 add("decode+augment", provider, NAN, 0, "reference", None,
                     "skipped: celldino._C built without " + ("CUDA" if on_gpu else "its CPU op"))
             else:
-                # on a GPU the trainer's default of 10 workers (fewer on small hosts); on CPU one per core
-                workers = default_workers(True) if on_gpu else (os.cpu_count() or 2)
+                # --data-workers, else on a GPU the trainer's default of 10 workers (fewer on small hosts), on CPU
+                # one per core
+                workers = getattr(args, "data_workers", None) or (
+                    default_workers(True) if on_gpu else (os.cpu_count() or 2))
                 where = gpu_dev if on_gpu else cpu_dev
                 setting = f"celldino.train.data.build_train_loader, {workers} DataLoader workers, batch {batch}"
                 try:
