@@ -30,9 +30,11 @@ class iBOTPatchLoss(LaggedCenter):  # noqa: N801 - reference name
 
         Unlike the reference we all-reduce a copy (the reference reduces the batch's tensor in place) and skip the
         reduction when not distributed (the reference calls it unconditionally)."""
-        n_rows = n_masked_patches_tensor.detach().clone().to(teacher_output.device)
-        if _distributed(self.group):
+        n_rows = n_masked_patches_tensor.detach()
+        if _distributed(self.group):  # the collective runs on the group's device
+            n_rows = n_rows.clone().to(teacher_output.device)
             dist.all_reduce(n_rows, group=self.group)
+        # one process: the collated count stays on the host, so reading it does not wait for the GPU
         return sinkhorn_knopp(teacher_output, teacher_temp, n_iterations=n_iterations,
                               n_rows=float(n_rows.sum().item()), group=self.group)
 

@@ -183,7 +183,7 @@ class SSLMetaArch(nn.Module):
         local_crops = batch["collated_local_crops"].to(device, non_blocking=True)
         masks = batch["collated_masks"].to(device, non_blocking=True)
         mask_indices_list = batch["mask_indices_list"].to(device, non_blocking=True)
-        n_masked_patches_tensor = batch["n_masked_patches"].to(device, non_blocking=True)
+        n_masked_patches_tensor = batch["n_masked_patches"]  # on the host (Sinkhorn-Knopp reads it, no device sync)
         masks_weight = batch["masks_weight"].to(device, non_blocking=True)
         n_masked_patches = mask_indices_list.shape[0]
         upperbound = int(batch["upperbound"])
