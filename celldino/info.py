@@ -33,8 +33,17 @@ def collect():
         "nvidia.dali": _version("nvidia.dali"),
         "numba": _version("numba"),
         "tifffile": _version("tifffile"),
+        "imagecodecs": _version("imagecodecs"),
+        "fast TIFF strips (tiff_strips)": _fast_tiff_codecs(),
     }
     return info
+
+
+def _fast_tiff_codecs():
+    """Which compressions celldino.data.tiff_strips decodes itself (the rest goes to tifffile)."""
+    from celldino.data import tiff_strips
+    names = [name for name, code in (("deflate", 8), ("zstd", 50000), ("LZW", 5)) if tiff_strips.codec_for(code)]
+    return ", ".join(names) if names else "none (install imagecodecs)"
 
 
 def main(args):

@@ -24,7 +24,8 @@ _LZW = (5,)
 _WASTE_LIMIT = 2.0  # read the data span at most this much larger than the strips themselves (else: tifffile)
 
 
-def _codec(compression):
+def codec_for(compression):
+    """The imagecodecs decoder this module uses for a TIFF compression code, or None (then tifffile decodes)."""
     try:
         import imagecodecs
     except ImportError:
@@ -41,7 +42,7 @@ def _codec(compression):
 def _eligible_keyframe(tf, key):
     """(codec, planes, rows, row_items) for a page layout this module decodes, else None. `planes` x `rows` x
     `row_items` is the page's sample grid in storage order: planes = samples for planar (separate) data, else 1."""
-    codec = _codec(key.compression)
+    codec = codec_for(key.compression)
     if codec is None or key.is_tiled or key.fillorder != 1 or key.predictor not in (1, 2):
         return None
     dtype = np.dtype(key.dtype)

@@ -120,3 +120,9 @@ def test_every_bundled_sample_tiff_decodes_like_tifffile():
             got = tiff_strips.decode_series(tf, series)
             assert got is not None, path
             np.testing.assert_array_equal(got, series.asarray(), err_msg=path)
+
+
+def test_celldino_info_names_the_fast_codecs():
+    from celldino.info import collect
+
+    assert collect()["fast TIFF strips (tiff_strips)"] == "deflate, zstd, LZW"
