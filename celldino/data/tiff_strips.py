@@ -14,8 +14,6 @@ the caller decodes with tifffile, which stays the authority for every file (test
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional
-
 import numpy as np
 
 _DEFLATE = (8, 32946)  # ADOBE_DEFLATE, DEFLATE
@@ -56,16 +54,19 @@ def _eligible_keyframe(tf, key):
     return codec, separate, length, width * contig
 
 
-def decode_series(tf, series, threads: int = 1) -> Optional[np.ndarray]:
-    """`series.asarray()` of an open tifffile.TiffFile, decoded here when every page is a layout this module
-    handles, else None. threads > 1 decodes strips in a thread pool (imagecodecs releases the GIL)."""
+def decode_series(tf, series, threads: int = 1, channels_first: bool = False):
+    """(pixels, axes) of a series of an open tifffile.TiffFile, decoded here when every page is a layout this
+    module handles, else None. Without `channels_first` the pixels are `series.asarray()` and axes `series.axes`;
+    with it, interleaved samples (axes ending in YXS) come out as ...SYX: each strip is decoded into a small buffer
+    and transposed from the cache, instead of transposing the whole image afterwards (1.24x on a 5 x 1080 x 1080
+    deflate field). threads > 1 decodes strips in a thread pool (imagecodecs releases the GIL)."""
     try:
-        return _decode_series(tf, series, threads)
+        return _decode_series(tf, series, threads, channels_first)
     except Exception:  # noqa: BLE001 - corrupt or unexpected data: tifffile decides what it is
         return None
 
 
-def _decode_series(tf, series, threads):
+def _decode_series(tf, series, threads, channels_first):
     pages = list(series.pages)
     if not pages or any(p is None or p.parent is not tf for p in pages):
         return None
@@ -95,7 +96,16 @@ def _decode_series(tf, series, threads):
     if len(data) != hi - lo:
         return None
 
-    out = np.empty((len(pages), planes, rows, row_items), dtype)
+    width, samples = key.imagewidth, row_items // key.imagewidth
+    shape, axes = tuple(series.shape), series.axes
+    # interleaved samples written channel-first: only for the ...YXS layout tifffile gives such series
+    transpose = (channels_first and planes == 1 and samples > 1 and axes.endswith("YXS")
+                 and shape[-3:] == (rows, width, samples))
+    if transpose:
+        out = np.empty((len(pages), samples, rows, width), dtype)
+        shape, axes = shape[:-3] + (samples, rows, width), axes[:-3] + "SYX"
+    else:
+        out = np.empty((len(pages), planes, rows, row_items), dtype)
     view = memoryview(data)
     jobs = [(page, strip) for page in range(len(pages)) for strip in range(planes * strips_per_plane)]
 
@@ -104,12 +114,14 @@ def _decode_series(tf, series, threads):
         plane, first = divmod(strip, strips_per_plane)
         r0 = first * rows_per_strip
         r1 = min(rows, r0 + rows_per_strip)
-        target = out[page, plane, r0:r1]
+        target = np.empty((r1 - r0, row_items), dtype) if transpose else out[page, plane, r0:r1]
         start = int(offsets[page][strip]) - lo
         codec(view[start:start + int(counts[page][strip])], out=target.reshape(-1).view(np.uint8))
+        grid = target.reshape(r1 - r0, width, samples)
         if key.predictor == 2:  # horizontal differencing: running sum along each row, per sample, wrapping
-            grid = target.reshape(r1 - r0, -1, row_items // key.imagewidth)
             np.cumsum(grid, axis=1, dtype=dtype, out=grid)
+        if transpose:  # the strip is still in the cache: transposing it here costs little
+            np.copyto(out[page, :, r0:r1], grid.transpose(2, 0, 1))
 
     if threads > 1 and len(jobs) > 1:
         with ThreadPoolExecutor(threads) as pool:
@@ -117,4 +129,4 @@ def _decode_series(tf, series, threads):
     else:
         for job in jobs:
             decode(job)
-    return out.reshape(series.shape)
+    return out.reshape(shape), axes

@@ -392,9 +392,9 @@ def test_dataloader_workers_decode_tiffs_single_threaded(tmp_path, monkeypatch):
         seen.append(("tifffile", kwargs.get("maxworkers")))
         return original_asarray(self, *args, **kwargs)
 
-    def spy_fast(tf, series, threads):
+    def spy_fast(tf, series, threads, channels_first):
         seen.append(("tiff_strips", threads))
-        return original_fast(tf, series, threads)
+        return original_fast(tf, series, threads, channels_first)
 
     monkeypatch.setattr(tifffile.TiffPageSeries, "asarray", spy_asarray)
     monkeypatch.setattr(celldino_io, "decode_series", spy_fast)

@@ -20,9 +20,17 @@ def _pixels(shape, dtype):
     return rng.integers(info.min, int(info.max) + 1, size=shape, dtype=dtype)
 
 
-def _fast(path, threads=1):
+def _fast(path, threads=1, channels_first=False):
+    """The fast path's pixels (None when it leaves the file to tifffile); checks the axes it reports."""
     with tifffile.TiffFile(path) as tf:
-        return tiff_strips.decode_series(tf, tf.series[0], threads=threads)
+        series = tf.series[0]
+        result = tiff_strips.decode_series(tf, series, threads=threads, channels_first=channels_first)
+        if result is None:
+            return None
+        pixels, axes = result
+        if not channels_first:
+            assert axes == series.axes
+        return pixels, axes
 
 
 # (array shape, imwrite keyword arguments): interleaved and planar samples, several pages, odd sizes, a last strip
@@ -53,11 +61,23 @@ def test_fast_path_equals_tifffile(tmp_path, shape, kwargs, dtype):
     data = _pixels(shape, dtype)
     tifffile.imwrite(path, data, **kwargs)
     want = tifffile.imread(path)
-    got = _fast(path)
-    assert got is not None, "this layout should take the fast path"
+    result = _fast(path)
+    assert result is not None, "this layout should take the fast path"
+    got = result[0]
     assert got.dtype == want.dtype and got.shape == want.shape
     np.testing.assert_array_equal(got, want)
-    np.testing.assert_array_equal(_fast(path, threads=3), want)
+    np.testing.assert_array_equal(_fast(path, threads=3)[0], want)
+    # channels_first: interleaved samples (...YXS) come back as ...SYX, the same values
+    for threads in (1, 3):
+        got, axes = _fast(path, threads=threads, channels_first=True)
+        with tifffile.TiffFile(path) as tf:
+            series_axes = tf.series[0].axes
+        if series_axes.endswith("YXS"):
+            assert axes == series_axes[:-3] + "SYX"
+            np.testing.assert_array_equal(got, np.moveaxis(want, -1, -3))
+        else:
+            assert axes == series_axes
+            np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -90,7 +110,10 @@ def test_read_image_uses_it_and_returns_channels_first(tmp_path, monkeypatch):
 
     monkeypatch.setattr("celldino.data.io.decode_series", spy)
     np.testing.assert_array_equal(read_image(path), np.moveaxis(data, -1, 0))
-    assert len(calls) == 1 and calls[0] is not None
+    assert len(calls) == 1 and calls[0] is not None and calls[0][1] == "SYX"  # decoded channels-first
+    # an explicit layout is applied to the array as stored: the fast path then keeps tifffile's order
+    np.testing.assert_array_equal(read_image(path, layout="hwc"), np.moveaxis(data, -1, 0))
+    assert calls[-1][1] == "YXS"
 
 
 def test_a_corrupt_strip_falls_back_to_tifffile_and_its_error(tmp_path):
@@ -119,7 +142,7 @@ def test_every_bundled_sample_tiff_decodes_like_tifffile():
             series = tf.series[0]
             got = tiff_strips.decode_series(tf, series)
             assert got is not None, path
-            np.testing.assert_array_equal(got, series.asarray(), err_msg=path)
+            np.testing.assert_array_equal(got[0], series.asarray(), err_msg=path)
 
 
 def test_celldino_info_names_the_fast_codecs():
