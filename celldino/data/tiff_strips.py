@@ -14,6 +14,7 @@ the caller decodes with tifffile, which stays the authority for every file (test
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 _DEFLATE = (8, 32946)  # ADOBE_DEFLATE, DEFLATE
