@@ -6,18 +6,9 @@ import tifffile
 
 from celldino.data import tiff_strips
 from celldino.data.io import ImageReadError, read_image
+from test_io import _rand as _pixels  # random pixels over a dtype's whole range
 
 pytest.importorskip("imagecodecs")
-
-rng = np.random.default_rng(7)
-
-
-def _pixels(shape, dtype):
-    dtype = np.dtype(dtype)
-    if dtype.kind == "f":
-        return rng.normal(size=shape).astype(dtype)
-    info = np.iinfo(dtype)
-    return rng.integers(info.min, int(info.max) + 1, size=shape, dtype=dtype)
 
 
 def _fast(path, threads=1, channels_first=False):
