@@ -411,3 +411,15 @@ def test_every_gpu_config_compiles_for_sm90(tmp_path):
     stdout = run_lowering_script(COMPILE_SCRIPT, tmp_path, timeout=900)
     assert "compiled 39" in stdout, stdout
 
+
+
+def test_int_offsets_reuse_their_tile_table_and_are_still_checked():
+    """Compiled blocks pass the crop offsets as ints on every call: the second call with the same offsets returns
+    the cached table; offsets that do not match q still raise."""
+    q = torch.zeros(30, 2, 8)
+    first = attention._table_for([0, 7, 30], q, 16)
+    assert attention._table_for([0, 7, 30], q, 16) is first
+    with pytest.raises(ValueError, match="ends at 29 but q has 30 tokens"):
+        attention._table_for([0, 7, 29], q, 16)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        attention._table_for([0, 9, 7, 30], q, 16)
