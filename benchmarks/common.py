@@ -147,9 +147,7 @@ def row(bench_name, op, provider, shape, dtype, mode, timing, *, flops=None, byt
 
 def write_csv(name, rows, results_dir=None):
     """Write rows to <results_dir>/<name>.csv atomically; returns the path."""
-    results_dir = Path(results_dir or RESULTS_DIR)
-    results_dir.mkdir(parents=True, exist_ok=True)
-    path = results_dir / f"{name}.csv"
+    path = Path(results_dir or RESULTS_DIR) / f"{name}.csv"  # atomic_write creates the directory
 
     def write(tmp):
         with open(tmp, "w", newline="") as handle:

@@ -395,7 +395,7 @@ def extract_features(model: nn.Module, dataset, *, kind: str = "cls", n_last_blo
             labels_t = _labels_tensor(labels)
             if cache_dir is not None:
                 atomic_torch_save({"features": feats, "labels": labels_t, "start": start, "end": end},
-                             _chunk_path(cache_dir, start, end))
+                                  _chunk_path(cache_dir, start, end))
             else:
                 computed[(start, end)] = (feats, labels_t)
     finally:

@@ -216,7 +216,7 @@ def train_linear_heads(heads: LinearHeadGrid, batches: Callable[[int], Iterator[
     def save(iteration):
         if checkpoint_path and _dist.is_main_process(group):
             atomic_torch_save({"iteration": iteration, "names": heads.names, "weight": heads.weight.detach().cpu(),
-                                "bias": heads.bias.detach().cpu(), "optimizer": opt.state_dict()}, checkpoint_path)
+                               "bias": heads.bias.detach().cpu(), "optimizer": opt.state_dict()}, checkpoint_path)
 
     pbar = None
     if progress and _dist.is_main_process(group) and start < max_iter:

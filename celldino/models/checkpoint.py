@@ -22,7 +22,7 @@ import re
 
 import torch
 
-from celldino.files import atomic_write
+from celldino.files import atomic_torch_save, atomic_write
 
 from .layers.mlp import swiglu_hidden_features
 from .vision_transformer import ARCHS, chunk_layout
@@ -343,6 +343,4 @@ def save_safetensors(state_dict, path, metadata=None):
 
 
 def save_pth(state_dict, path):
-    tensors = _plain_tensors(state_dict)
-    atomic_write(path, lambda tmp: torch.save(tensors, tmp))
-    return path
+    return atomic_torch_save(_plain_tensors(state_dict), path)

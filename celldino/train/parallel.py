@@ -78,8 +78,7 @@ def fsdp_setting(cfg):
     """train.fsdp: True (FSDP2 even for one process, on a 1-rank group) / False (one process only, unsharded), or
     None for auto: FSDP2 when there are several processes, a lone process unsharded (on one H200 the 1-rank FSDP2
     step was 1.2x slower: its hooks and copies, docs/benchmarks.md)."""
-    value = cfg.train.get("fsdp", "auto")
-    return None if value is None or str(value).lower() == "auto" else _truthy(value, auto=None)
+    return _truthy(cfg.train.get("fsdp", "auto"), auto=None)
 
 
 def make_plan(cfg, device, distributed):

@@ -116,9 +116,10 @@ class Trainer:
         _, _, local_rank = distributed.env_world()
         self.device = distributed.select_device(cfg.train.get("device", "auto"), local_rank)
         use_fsdp = fsdp_setting(cfg)
-        if use_fsdp is False and distributed.env_world()[1] > 1:
-            raise ValueError(f"train.fsdp=false runs one process only; this launch has "
-                             f"{distributed.env_world()[1]} (use train.fsdp=auto or true)")
+        processes = distributed.env_world()[1]
+        if use_fsdp is False and processes > 1:
+            raise ValueError(f"train.fsdp=false runs one process only; this launch has {processes} "
+                             "(use train.fsdp=auto or true)")
         self.rank, self.world_size, self._owns_group = distributed.init(self.device,
                                                                         single_process_group=use_fsdp is True)
         self.is_main = self.rank == 0
