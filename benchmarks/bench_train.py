@@ -104,7 +104,7 @@ def make_batch(cfg, device, dtype, seed=0):
     import numpy as np
 
     from celldino.data.collate import collate_data_and_cast
-    from celldino.data.masking import MaskingGenerator
+    from celldino.data.masking import MaskingGenerator, training_max_num_patches
     g = torch.Generator().manual_seed(seed)
     B, C = cfg.train.batch_size_per_gpu, cfg.student.in_chans
     G, L, n_local = cfg.crops.global_crops_size, cfg.crops.local_crops_size, cfg.crops.local_crops_number
@@ -113,7 +113,8 @@ def make_batch(cfg, device, dtype, seed=0):
     side = G // cfg.student.patch_size
     batch = collate_data_and_cast(samples, cfg.ibot.mask_ratio_min_max, cfg.ibot.mask_sample_probability, dtype,
                                   n_tokens=side * side,
-                                  mask_generator=MaskingGenerator((side, side), max_num_patches=0.5 * side * side),
+                                  mask_generator=MaskingGenerator((side, side), max_num_patches=training_max_num_patches(
+                                      G, cfg.student.patch_size)),
                                   random_module=random.Random(seed), mask_rng=np.random.default_rng(seed))
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     batch["iteration"] = 0

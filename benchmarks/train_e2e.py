@@ -66,7 +66,7 @@ def reference_loader(cfg, dataset, workers, dtype, pin):
     from functools import partial
 
     from celldino.data.collate import collate_data_and_cast
-    from celldino.data.masking import MaskingGenerator
+    from celldino.data.masking import MaskingGenerator, training_max_num_patches
 
     from .bench_data import ReferenceStyleCellAugmentation
 
@@ -77,7 +77,8 @@ def reference_loader(cfg, dataset, workers, dtype, pin):
     side = crops.global_crops_size // cfg.student.patch_size
     collate = partial(collate_data_and_cast, mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max),
                       mask_probability=cfg.ibot.mask_sample_probability, dtype=dtype, n_tokens=side * side,
-                      mask_generator=MaskingGenerator((side, side), max_num_patches=0.5 * side * side))
+                      mask_generator=MaskingGenerator((side, side), max_num_patches=training_max_num_patches(
+                          crops.global_crops_size, cfg.student.patch_size)))
     sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=10**9)
     extra = dict(prefetch_factor=PREFETCH) if workers else {}
     return torch.utils.data.DataLoader(_ReferencePipeline(dataset, augmentation),

@@ -96,6 +96,13 @@ def _numba_ready() -> bool:
 _NUMBA_STATE = None  # None: not tried yet in this process
 
 
+def training_max_num_patches(crop_size: int, patch_size: int) -> float:
+    """max_num_patches of the training mask generator, exactly as the reference trainer writes it:
+    `0.5 * crop_size // patch_size * crop_size // patch_size`, evaluated left to right. That is half the patch grid
+    (98 at 224 / 16) when (crop_size / 2) is a multiple of patch_size, and less otherwise (21, not 24.5, at 112 / 16)."""
+    return 0.5 * crop_size // patch_size * crop_size // patch_size
+
+
 class MaskingGenerator:
     """Callable: `gen(num_masking_patches)` -> bool array (H, W) with (at most) that many True patches.
 

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset, Sampler, default_collate
 from celldino.data import build_dataset
 from celldino.data.collate import collate_data_and_cast, collate_masks
 from celldino.data.loaders import ShardedInfiniteSampler, seed_worker
-from celldino.data.masking import MaskingGenerator
+from celldino.data.masking import MaskingGenerator, training_max_num_patches
 
 logger = logging.getLogger("celldino")
 
@@ -222,7 +222,8 @@ def build_train_loader(cfg, start_iter=0, rank=0, world_size=1, dtype=torch.floa
     if dataset is None:
         dataset = build_dataset(cfg.train.dataset_path)
     side = cfg.crops.global_crops_size // cfg.student.patch_size
-    mask_generator = MaskingGenerator(input_size=(side, side), max_num_patches=0.5 * side * side)
+    mask_generator = MaskingGenerator(input_size=(side, side), max_num_patches=training_max_num_patches(
+        cfg.crops.global_crops_size, cfg.student.patch_size))
     augmentation = build_augmentation(cfg, mode)
     fused = augmentation if mode != "torch" else None
     collate = SeededCollate(batch_size, seed, rank, cfg.ibot.mask_ratio_min_max, cfg.ibot.mask_sample_probability,

@@ -128,3 +128,13 @@ def test_reference_defaults_and_repr():
     seeded_a = MaskingGenerator(14, max_num_patches=98, seed=3)
     seeded_b = MaskingGenerator(14, max_num_patches=98, seed=3)
     np.testing.assert_array_equal(seeded_a(40), seeded_b(40))
+
+
+def test_training_max_num_patches_is_the_reference_expression():
+    """The reference trainer's `0.5 * img_size // patch_size * img_size // patch_size` (left to right), computed by
+    hand: half the grid when img_size / 2 is a multiple of the patch, less on other grids."""
+    from celldino.data.masking import training_max_num_patches
+    assert training_max_num_patches(224, 16) == 98       # 112 // 16 = 7; 7 * 224 = 1568; 1568 // 16 = 98
+    assert training_max_num_patches(64, 8) == 32          # the demo recipe
+    assert training_max_num_patches(112, 16) == 21        # 56 // 16 = 3; 3 * 112 = 336; 336 // 16 = 21 (not 24.5)
+    assert training_max_num_patches(80, 16) == 10         # 40 // 16 = 2; 160 // 16 = 10
