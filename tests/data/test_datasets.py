@@ -105,6 +105,7 @@ def test_hpaone_labels_and_modes(tmp_path):
 
     both = build_dataset(f"HPAone:split=VAL:root={tmp_path}")
     assert len(both) == 2
+    assert build_dataset(f"HPAone:split=VAL:mode=all:root={tmp_path}").get_target(1)[1] == 6
     p, ct = both.get_target(1)  # FIX: per-sample (protein, cell type)
     np.testing.assert_array_equal(p, expected[1])
     assert ct == 6
@@ -116,6 +117,8 @@ def test_hpaone_errors(tmp_path):
     _hpaone_tree(str(tmp_path))
     with pytest.raises(DatasetError, match="split='TEST'"):
         build_dataset(f"HPAone:split=TEST:root={tmp_path}")
+    with pytest.raises(DatasetError, match="mode='protein_localisation'.*PROTEIN_LOCALIZATION"):
+        build_dataset(f"HPAone:split=TRAIN:mode=protein_localisation:root={tmp_path}")
     with pytest.raises(DatasetError, match="does not exist"):
         build_dataset(f"HPAone:root={tmp_path}/nowhere")
     os.remove(os.path.join(tmp_path, "fixed_size_masked_single_cells_evaluation_20240507.csv"))

@@ -70,13 +70,15 @@ class HPAone(ImageDataset):
     varied_size_masked_single_cells_HPA/, target 0. TRAIN / VAL: fixed_size_masked_single_cells_{pretrain,
     evaluation}_20240507.csv, image fixed_size_masked_single_cells_HPA/<basename of "file">.
     mode PROTEIN_LOCALIZATION: 19-dim int multi-hot; CELL_TYPE: index over 29 cell lines (last "True" column
-    wins, none -> 0); anything else: (protein vector, cell type) per sample.
+    wins, none -> 0); ALL or no mode: (protein vector, cell type) per sample; any other mode is an error (the
+    reference gave the tuple for any unknown mode, typos included).
     """
 
     name = "HPAone"
     SPLITS = ("ALL", "TRAIN", "VAL")
     VARIED_DIR = "varied_size_masked_single_cells_HPA"
     FIXED_DIR = "fixed_size_masked_single_cells_HPA"
+    MODES = ("ALL", "PROTEIN_LOCALIZATION", "CELL_TYPE")
     CSV_ALL = "varied_size_masked_single_cells_pretrain_20240507.csv"
     CSV_TRAIN = "fixed_size_masked_single_cells_pretrain_20240507.csv"
     CSV_VAL = "fixed_size_masked_single_cells_evaluation_20240507.csv"
@@ -88,7 +90,9 @@ class HPAone(ImageDataset):
             raise DatasetError(f"HPAone: root {root!r} does not exist or is not a directory")
         self.root = os.path.abspath(root)
         self.split = _choice(split, self.SPLITS, "split", self.name)
-        self.mode = None if mode is None else str(mode).upper()
+        # the reference gives the (protein, cell type) tuple for any other mode, typos included: ALL or no mode
+        # asks for it here, anything else is an error naming the key
+        self.mode = None if mode is None else _choice(mode, self.MODES, "mode", self.name)
         if self.split == "ALL":
             rows = _read_rows(os.path.join(self.root, self.CSV_ALL), ["img_path"])
             self._paths = [os.path.join(self.root, self.VARIED_DIR, r["img_path"]) for r in rows]
