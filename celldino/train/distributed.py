@@ -1,8 +1,8 @@
 """Process-group set-up for training: torchrun (env://), SLURM (submitit) or a single process.
 
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; under submitit the SLURM variables are
-translated to the same names before calling `init`. A single process on a GPU gets a 1-rank group (FSDP2 needs
-one, as the reference always creates one); a single CPU process runs without a group.
+translated to the same names before calling `init`. A single process runs without a group (unsharded) unless
+train.fsdp=true asks for FSDP2 on a 1-rank group (the reference always creates one).
 """
 import datetime
 import logging

@@ -5,8 +5,9 @@ backward, clipping (`clip_gradients`, per student submodule), the optimizer (`ge
 (`update_teacher`). Compared with the reference:
 - the student heads run once on one concatenated [rows, D] buffer (no xFormers BlockDiagonalMask needed: a head is
   row-wise, so concatenation is exact);
-- the logged `koleo_loss` and `ibot_loss` are the values actually optimised (the reference logs them halved), so
-  the logged total is the optimised loss;
+- the logged `koleo_loss` and `ibot_loss` are the values actually optimised (the reference logs them halved); the
+  DINO / iBOT terms are logged before dino.loss_weight / ibot.loss_weight (as the reference), so their sum is the
+  optimised loss when those weights are 1;
 - KoLeo runs in fp32 whatever the compute dtype (the reference: fp16, where its eps underflows);
 - student.pretrained_weights loads strictly (the reference: strict=False).
 """

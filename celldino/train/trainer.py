@@ -103,8 +103,11 @@ def _check_config(cfg):
         raise ValueError(f"crops.global_crops_size {cfg.crops.global_crops_size} is not a multiple of "
                          f"student.patch_size {cfg.student.patch_size}")
     if cfg.dino.koleo_loss_weight > 0 and cfg.train.batch_size_per_gpu < 2:
-        logger.warning("KoLeo with a per-rank batch of 1 has no nearest neighbour (the reference gives inf/NaN): "
-                       "use train.batch_size_per_gpu >= 2 or dino.koleo_loss_weight=0")
+        # KoLeo uses this rank's batch only (as the reference): one row is its own nearest neighbour, and the
+        # reference optimises -log of a ~1e-8 distance there (about 15 in fp32, inf/NaN in fp16)
+        raise ValueError("train.batch_size_per_gpu=1 with dino.koleo_loss_weight > 0: KoLeo needs at least 2 "
+                         "images per rank to find nearest neighbours; use train.batch_size_per_gpu >= 2 or "
+                         "dino.koleo_loss_weight=0")
 
 
 # ---- the trainer ---------------------------------------------------------------------------------------------------

@@ -161,6 +161,10 @@ def test_cli_errors_name_the_bad_key(tmp_path, capsys):
     assert _launch("--config-file", "demo", "--output-dir", str(tmp_path / "b"), "train.stop_after_iters=0",
                    "train.device=cpu") == 2
     assert "train.stop_after_iters" in capsys.readouterr().err
+    # KoLeo on one image per rank fails before any model is built (it has no nearest neighbour)
+    assert _launch("--config-file", "demo", "--output-dir", str(tmp_path / "c"), "train.batch_size_per_gpu=1",
+                   "train.device=cpu") == 2
+    assert "KoLeo needs at least 2 images per rank" in capsys.readouterr().err
 
 
 def test_cli_trains_and_resumes(tmp_path, capsys):
