@@ -103,20 +103,17 @@ CD_HD float bilinear(float s00, float s01, float s10, float s11, float wx0, floa
 // clamp that keeps NaN as NaN (torch.clamp semantics)
 CD_HD float clamp01(float v) { return v < 0.0f ? 0.0f : (v > 1.0f ? 1.0f : v); }
 
-// The protein step's denominator: max over channels != drop of the per-channel maxima (raw units), scaled.
+// The protein step's denominator: the max of the image after the drop (the reference divides by img.max() once the
+// dropped channel is zeroed, so that channel counts as 0), from the per-channel maxima (raw units), scaled.
 // Returns 0 when the step is skipped (not drawn, C == 1, protein channel absent, or that max is 0).
 CD_HD double protein_peak(const float* raw_channel_max, int channels, int drop, int protein_channel,
                           float factor, double divisor) {
   if (!(factor >= 0.0f) || channels < 2 || protein_channel < 0 || protein_channel >= channels) return 0.0;
-  bool any = false;
-  float peak = 0.0f;
-  for (int c = 0; c < channels; ++c) {
-    if (c == drop) continue;
-    const float m = raw_channel_max[c];
-    if (!any || m > peak) peak = m;
-    any = true;
+  float peak = (drop == 0) ? 0.0f : raw_channel_max[0];
+  for (int c = 1; c < channels; ++c) {
+    const float m = (c == drop) ? 0.0f : raw_channel_max[c];
+    if (m > peak) peak = m;
   }
-  if (!any) return 0.0;
   return static_cast<double>(peak) / divisor;  // the scaled image's max (division is monotone)
 }
 

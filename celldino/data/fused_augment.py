@@ -134,7 +134,8 @@ def _as_image_list(images) -> list:
 
 
 def _prepare_images(images: list, scale: IntensityScale, device: torch.device):
-    """(images ready for the op: 3-D, contiguous, one native dtype, on `device`; divisor)."""
+    """(images ready for the op: 3-D, contiguous, one native dtype, on `device`; the op's divisor; the divisors
+    already applied here per image, or None when the images go to the op in their own dtype)."""
     images = [img[None] if img.ndim == 2 else img for img in images]
     for k, img in enumerate(images):
         if img.ndim != 3:
@@ -144,9 +145,11 @@ def _prepare_images(images: list, scale: IntensityScale, device: torch.device):
     if len(dtypes) == 1 and dtype in _NATIVE_DTYPES:
         divisor = scale.divisor_for(dtype)
         divisor = 1.0 if divisor is None else float(divisor)
+        prescaled = None
     else:
         # other dtypes (int16, float16, float64, ...) or a mixed batch: scale each image to float32 here,
         # exactly as CellAugmentationDINO's scale_intensity does.
+        prescaled = [scale.divisor_for(img.dtype) for img in images]
         images = [scale_intensity(img, scale) for img in images]
         divisor = 1.0
     moved = []
@@ -157,7 +160,7 @@ def _prepare_images(images: list, scale: IntensityScale, device: torch.device):
             else:
                 img = img.to(device)
         moved.append(img.contiguous())
-    return moved, divisor
+    return moved, divisor, prescaled
 
 
 def pack_crop_params(params: CropParams, channels: int):
@@ -186,6 +189,18 @@ def _group_size(params: CropParams, rows: slice, what: str) -> int:
     if sizes.size != 1:
         raise ValueError(f"{what} crops have several output sizes {sizes.tolist()}; one size per group")
     return int(sizes[0])
+
+
+def _scaled_channel_max(channel_max, prescaled, n_images: int, channels: int) -> torch.Tensor:
+    """channel_max (raw units) -> float32 [B, C] in the units of the images the op reads: divided per image as
+    _prepare_images divided that image (max commutes with a positive division, in float32 too)."""
+    channel_max = torch.as_tensor(channel_max).to(dtype=torch.float32)
+    if tuple(channel_max.shape) != (n_images, channels):
+        raise ValueError(f"channel_max has shape {tuple(channel_max.shape)}; expected [B={n_images}, C={channels}]")
+    if prescaled is None:
+        return channel_max
+    rows = [row if d is None else row / d for row, d in zip(channel_max.cpu().unbind(0), prescaled)]
+    return torch.stack(rows)
 
 
 def fused_multicrop(
@@ -223,14 +238,14 @@ def fused_multicrop(
         raise ExtensionNotBuiltError(f"celldino._C was built without its CUDA implementation. {BUILD_HINT}")
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device {device}: the fused augmentation runs on cpu or cuda")
-    prepared, divisor = _prepare_images(image_list, parse_intensity_scale(intensity_scale), device)
+    prepared, divisor, prescaled = _prepare_images(image_list, parse_intensity_scale(intensity_scale), device)
     channels = int(prepared[0].shape[0])
     crop_int, crop_float = pack_crop_params(params, channels)
     n_global_rows = n_global * b
     global_size = _group_size(params, slice(0, n_global_rows), "global")
     local_size = _group_size(params, slice(n_global_rows, None), "local")
     if channel_max is not None:
-        channel_max = channel_max.to(device=device, dtype=torch.float32).contiguous()
+        channel_max = _scaled_channel_max(channel_max, prescaled, b, channels).to(device).contiguous()
     return torch.ops.celldino.fused_multicrop(
         prepared, crop_int, crop_float, channel_max, n_global_rows, global_size, local_size,
         int(params.protein_channel), float(divisor), _as_out_dtype(out_dtype))

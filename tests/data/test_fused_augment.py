@@ -163,6 +163,11 @@ def test_protein_uses_whole_image_max_after_drop():
     check_against_reference([img], params, out, 65535.0, "protein max")
     # with / without channel 0 dropped the protein channel is scaled by a different max
     assert not torch.allclose(out[0][1], out[1][1])
+    # float fields below zero: the dropped channel's zeros are the image's max (the step is skipped when the
+    # others are all negative), not the largest of the remaining channels
+    neg = -0.1 - torch.from_numpy(np.random.default_rng(4).random((c, h, w), dtype=np.float32))
+    out = run_op([neg], params)
+    check_against_reference([neg], params, out, None, "negative floats")
 
 
 def test_constant_and_zero_channels_give_zeros_not_nan():
@@ -276,6 +281,15 @@ def test_given_channel_max_is_used():
     other = fa.fused_multicrop([img], params, channel_max=given * 2)
     assert not torch.equal(base[0][:, 1], other[0][:, 1])  # protein channel scaled by half as much
     assert torch.equal(base[0][:, 0], other[0][:, 0])
+    # dtypes scaled to float32 before the op (int16, mixed batches): the raw maxima are scaled with them
+    i16 = torch.from_numpy(rng.integers(0, 30000, (4, 30, 30)).astype(np.int16))
+    pair = [i16, img]
+    params2 = params_for([(4, 30, 30)] * 2, seed=5, p_protein=1.0, p_drop=0.0)
+    base = fa.fused_multicrop(pair, params2)
+    same = fa.fused_multicrop(pair, params2, channel_max=torch.stack([im.float().amax(dim=(1, 2)) for im in pair]))
+    assert torch.equal(base[0], same[0]) and torch.equal(base[1], same[1])
+    with pytest.raises(ValueError, match=r"channel_max has shape \(4,\); expected \[B=2, C=4\]"):
+        fa.fused_multicrop(pair, params2, channel_max=given[0])
 
 
 def test_matches_cell_augmentation_dino_and_collate():
