@@ -213,6 +213,30 @@ def make_eval_dataset(spec: str, crop_size: int = 384, resize_size: int = 0, aug
                                                                            intensity_scale))
 
 
+def share_label_space(train, *others) -> Optional[List[str]]:
+    """Give the evaluation splits one label space: each split with named classes (Folder sub-folders, a CSV's
+    string labels) is built alone, so a val split missing a class would otherwise number the rest differently
+    from train and be scored against the wrong classes. Re-indexes `others` into train's class order in place
+    (classes train lacks are appended, with a warning: no train item can vote for them). Returns the class
+    names (None when train has none)."""
+    names = getattr(train, "classes", None)
+    if names is None:
+        return None
+    names = list(names)
+    for ds in others:
+        if ds is None or getattr(ds, "classes", None) is None or not hasattr(ds, "align_classes"):
+            continue
+        if list(ds.classes[:len(names)]) == names:  # already in this label space (e.g. aligned by the CLI)
+            names = list(ds.classes)
+            continue
+        unseen = [c for c in ds.classes if c not in set(names)]
+        if unseen:
+            logger.warning("%s has classes the train split lacks (%s): they are scored, but no train item can "
+                           "vote for them", getattr(ds, "name", "an evaluation split"), ", ".join(map(str, unseen)))
+        names = ds.align_classes(names)
+    return names
+
+
 def dataset_spec(value: str) -> str:
     """A folder -> 'Folder:root=...', a .csv file -> 'CSV:path=...', anything else is a dataset string."""
     s = str(value)
@@ -271,7 +295,8 @@ def _fingerprint(model, dataset, options, n, autocast_dtype) -> dict:
     ids = dataset_ids(dataset) if hasattr(dataset, "image_path") else []
     return {"n": int(n), "options": asdict(options), "autocast_dtype": str(autocast_dtype),
             "model": h.hexdigest(), "first_id": ids[0] if ids else None, "last_id": ids[-1] if ids else None,
-            "transform": repr(getattr(dataset, "transform", None))}
+            "transform": repr(getattr(dataset, "transform", None)),
+            "classes": list(map(str, dataset.classes)) if getattr(dataset, "classes", None) is not None else None}
 
 
 def _chunk_path(cache_dir, start, end):

@@ -470,7 +470,7 @@ def evaluate_knn(model, train_dataset, val_dataset, *, test_dataset=None, nb_knn
     Few-shot: n_per_class_list entries > 0 evaluate on n_tries random class-balanced train subsets; the
     results are then "<dataset>_<k> Top 1" (mean over tries, key suffix "_n<n>") and "... std".
     """
-    from .features import extract_features, make_eval_dataset
+    from .features import extract_features, make_eval_dataset, share_label_space
     from .metrics import per_class_report
 
     metric_t = parse_metric_type(metric)
@@ -485,6 +485,8 @@ def evaluate_knn(model, train_dataset, val_dataset, *, test_dataset=None, nb_knn
             ds = make_eval_dataset(ds, crop_size=crop_size, resize_size=resize_size)
         names.setdefault(split, getattr(ds, "name", split) if split != "train" else "train")
         built[split] = ds
+    shared_names = share_label_space(built["train"], built["val"], built.get("test"))
+    class_names = shared_names if class_names is None else class_names
     feats = {}
     for split, ds in built.items():
         sub_cache = None if cache_dir is None else f"{cache_dir}/{split}"

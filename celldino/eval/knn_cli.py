@@ -32,7 +32,8 @@ def add_arguments(parser):
                              "mean_per_class_multiclass_f1, ...); default: multilabel_f1 for multi-hot labels, "
                              "multiclass_f1 otherwise")
     parser.add_argument("--avgpool", action="store_true",
-                        help="bag of channels: append the per-channel average patch tokens to the CLS tokens")
+                        help="append the average patch token to the CLS token (per channel in bag-of-channels mode, "
+                             "as the reference; outside it the reference ignores the flag)")
     parser.add_argument("--voting", choices=["per_k", "reference"], default="per_k",
                         help="per_k (default): softmax over the first k neighbours for each k; reference: softmax "
                              "over the top max(nb_knn) once, then the first k summed (the reference's quirk)")
@@ -49,7 +50,7 @@ def main(args) -> int:
     from celldino.data.datasets import DatasetError
 
     from . import _dist
-    from .features import dataset_spec, extract_features, make_eval_dataset
+    from .features import dataset_spec, extract_features, make_eval_dataset, share_label_space
     from .knn import evaluate_knn, knn_leave_one_out
     from .linear import read_leave_one_out_groups
     from .metrics import format_report, parse_metric_type
@@ -66,6 +67,7 @@ def main(args) -> int:
             specs["test"] = dataset_spec(args.test_dataset)
         datasets = {k: make_eval_dataset(v, crop_size=args.crop_size, resize_size=args.resize_size)
                     for k, v in specs.items()}
+        share_label_space(datasets["train"], datasets["val"], datasets.get("test"))
     except (DatasetError, FileNotFoundError, ValueError) as exc:
         print(f"celldino eval knn: {exc}", file=sys.stderr)
         return 1
@@ -103,7 +105,7 @@ def main(args) -> int:
                                bag_of_channels=args.bag_of_channels, avgpool=args.avgpool,
                                n_per_class_list=n_per_class, n_tries=args.n_tries, voting=args.voting,
                                dataset_names={k: v for k, v in names.items() if v}, cache_dir=args.cache_dir,
-                               class_names=getattr(datasets["val"], "classes", None), **common)
+                               **common)
             results, metric, report = out["results"], out["metric"], out["report"]
     except (ValueError, TypeError, DatasetError) as exc:
         print(f"celldino eval knn: {exc}", file=sys.stderr)

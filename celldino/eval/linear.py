@@ -475,7 +475,7 @@ def evaluate_linear(model, train_dataset, val_dataset, *, test_datasets=None, mo
     otherwise). Returns the reference-named results {"<val>_accuracy": x100, "best_classifier": name,
     "<test>_accuracy": x100, ...} plus "note" when val = test; with output_dir also appends them to
     results_eval_linear.json (JSON lines)."""
-    from .features import extract_features, make_eval_dataset, resolve_device
+    from .features import extract_features, make_eval_dataset, resolve_device, share_label_space
 
     if mode not in ("augment", "features"):
         raise ValueError(f"mode {mode!r}: expected augment or features")
@@ -493,6 +493,7 @@ def evaluate_linear(model, train_dataset, val_dataset, *, test_datasets=None, mo
     train_eval = build(train_dataset, "train", augment=False)
     val_ds = build(val_dataset, "val", augment=False)
     test_ds = [build(ds, f"test{i}", augment=False) for i, ds in enumerate(tests)]
+    share_label_space(train_eval, val_ds, *test_ds)
     results_path = os.path.join(output_dir, "results_eval_linear.json") if output_dir else None
     if output_dir:
         os.makedirs(output_dir, exist_ok=True)

@@ -234,3 +234,40 @@ def test_evaluate_knn_on_an_in_memory_model():
     assert {"V_1 Top 1", "V_5 Top 1", "T_1 Top 1", "V_1_n2 Top 1", "V_1_n2 Top 1 std", "T_5_n2 Top 1"} <= set(r)
     assert r["V_5 Top 1"] == 100.0 and r["T_5 Top 1"] == 100.0
     assert len(out["report"]["val"]) == 3 and out["report"]["val"][0]["support"] == 4
+
+
+def test_splits_built_alone_share_the_train_label_space(tmp_path):
+    """Folder / CSV splits number their class names on their own; a val split missing class b (and a test split
+    holding a class train never saw) must still be scored against train's indices. Val images are copies of train
+    images, so 1-NN is right on every one of them."""
+    from PIL import Image
+
+    from eval_helpers import tiny_vit
+    from celldino.eval.knn import evaluate_knn
+    from celldino.eval.features import make_eval_dataset, share_label_space
+
+    rng = np.random.default_rng(0)
+    images = {c: [(rng.random((16, 16)) * 255).astype(np.uint8) for _ in range(3)] for c in "abcd"}
+    for split, classes in (("train", "abc"), ("val", "ac"), ("test", "cd")):
+        for c in classes:
+            os.makedirs(tmp_path / split / c)
+            for j, im in enumerate(images[c]):
+                Image.fromarray(im).save(tmp_path / split / c / f"{j}.png")
+    spec = {s: f"Folder:root={tmp_path / s}" for s in ("train", "val", "test")}
+
+    built = {s: make_eval_dataset(v, crop_size=16) for s, v in spec.items()}
+    assert built["val"].get_targets().tolist() == [0, 0, 0, 1, 1, 1]  # numbered alone: c is 1
+    names = share_label_space(built["train"], built["val"], built["test"])
+    assert names == ["a", "b", "c", "d"]
+    assert built["val"].get_targets().tolist() == [0, 0, 0, 2, 2, 2]
+    assert built["test"].get_targets().tolist() == [2, 2, 2, 3, 3, 3] and built["test"].classes == names
+    assert built["train"].get_targets().tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+
+    out = evaluate_knn(tiny_vit(in_chans=1, seed=0), spec["train"], spec["val"], test_dataset=spec["test"],
+                       nb_knn=(1,), crop_size=16, progress=False)
+    rows = {r["class"]: r for r in out["report"]["val"]}
+    assert rows["a"]["f1"] == 1.0 and rows["c"]["f1"] == 1.0 and rows["b"]["support"] == 0
+    assert rows["a"]["support"] == 3 and rows["c"]["predicted"] == 3
+    test_rows = {r["class"]: r for r in out["report"]["test"]}
+    # d's items vote for train classes (one of them for c here): c keeps its recall, d is never predicted
+    assert test_rows["c"]["recall"] == 1.0 and test_rows["d"]["support"] == 3 and test_rows["d"]["predicted"] == 0

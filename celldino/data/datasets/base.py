@@ -199,6 +199,22 @@ class ImageDataset(Dataset):
             arr = arr[channel : channel + 1]
         return arr
 
+    def align_classes(self, classes: Sequence[str]) -> List[str]:
+        """Re-index this dataset's named class labels (`self.classes`, e.g. a Folder's sub-folders or a CSV's
+        string label column) into the order of `classes`, another split's label space, so that class index k
+        means the same class in both; names only this dataset has are appended. Returns the class list now in
+        use (== self.classes). A dataset without class names is left as it is."""
+        own = getattr(self, "classes", None)
+        if own is None:
+            return list(classes)
+        known = set(classes)
+        merged = list(classes) + [c for c in own if c not in known]
+        index = {c: i for i, c in enumerate(merged)}
+        remap = [index[c] for c in own]
+        self._targets = [remap[t] for t in self._targets]
+        self.classes = merged
+        return list(merged)
+
     def get_target(self, index: int) -> Any:
         return self._targets[self.locate(index)[0]]
 
