@@ -77,6 +77,8 @@ def read_checkpoint(path):
         match = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
         if match is None:
             raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)})") from exc
+        if "sharded_tensor" in match.group(1).lower():  # what FSDP1's LOCAL_STATE_DICT saves its flat shards as
+            raise CheckpointError(_fsdp_sharded_message(path)) from exc
         raise CheckpointError(
             f"{path}: refusing to load: the file contains a pickled Python object ({match.group(1)}) besides "
             "tensors and plain containers, and celldino only loads checkpoints with torch.load(weights_only=True). "
@@ -84,6 +86,12 @@ def read_checkpoint(path):
     except Exception as exc:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
     return obj, {}
+
+
+def _fsdp_sharded_message(source):
+    return (f"{source}: this is a sharded FSDP training checkpoint (the reference's model_<iter>.rank_<r>.pth: "
+            "LOCAL_STATE_DICT flat parameters, tied to the world size), not a model; load the teacher from "
+            "eval/training_<iter>/teacher_checkpoint.pth instead")
 
 
 def _first_line(exc):
@@ -127,9 +135,7 @@ def split_state_dict(obj, source="checkpoint"):
     """(backbone state dict, head state dict or None) from any supported checkpoint object."""
     flat = {_strip_wrappers(k): v for k, v in _flat_state_dict(obj, source).items()}
     if any("_flat_param" in k or k.startswith("_fsdp") for k in flat):
-        raise CheckpointError(f"{source}: this is a sharded FSDP training checkpoint (LOCAL_STATE_DICT flat "
-                              "parameters, tied to the world size); export the teacher from "
-                              "eval/training_<iter>/teacher_checkpoint.pth instead")
+        raise CheckpointError(_fsdp_sharded_message(source))
     for prefix in ("teacher.backbone.", "backbone.", "student.backbone."):
         if any(k.startswith(prefix) for k in flat):
             if prefix == "student.backbone.":
