@@ -335,10 +335,13 @@ def koleo_loss_distributed_triton(x, eps=1e-8, group=None):
 # fp32 inputs from this many compared rows on go to the reference: the kernel's exact fp32 products lose to cuBLAS
 # there (fwd+bwd 0.18-0.42x at B = 4096 on an H200, 1.2-2.2x at the training batch B = 16; docs/kernels.md)
 FP32_REFERENCE_ROWS = 2048
+WIDE_REFERENCE_DIM = 2048  # bf16 / fp16 batches that large AND this wide also go to the reference (0.64x measured)
 
 
 def _kernel_wins(x, compared_rows):
-    return x.dtype in _KERNEL_DTYPES and not (x.dtype == torch.float32 and compared_rows >= FP32_REFERENCE_ROWS)
+    if x.dtype not in _KERNEL_DTYPES or compared_rows < FP32_REFERENCE_ROWS:
+        return x.dtype in _KERNEL_DTYPES
+    return x.dtype != torch.float32 and x.shape[-1] < WIDE_REFERENCE_DIM
 
 
 def koleo_loss(x, eps=1e-8):

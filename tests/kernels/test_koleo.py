@@ -134,21 +134,25 @@ def test_dispatcher_follows_the_backend_switch():
 
 
 def test_large_fp32_batches_go_to_the_reference(monkeypatch):
-    """fp32 from FP32_REFERENCE_ROWS rows on takes the reference (faster there on an H200); bf16 and small fp32
-    batches keep the kernel. The dispatch is checked with stand-ins, so no large batch is computed."""
+    """fp32 from FP32_REFERENCE_ROWS rows on takes the reference (faster there on an H200), and so do bf16 batches
+    that large and WIDE_REFERENCE_DIM wide; narrower bf16 and small fp32 batches keep the kernel. The dispatch is checked with stand-ins, so no large batch is computed."""
     calls = []
     monkeypatch.setattr(ko, "use_triton", lambda *t: True)
     monkeypatch.setattr(ko, "koleo_loss_triton", lambda x, eps=1e-8: calls.append(("triton", x.shape[0], x.dtype)))
     monkeypatch.setattr(ko, "koleo_loss_reference", lambda x, eps=1e-8: calls.append(("torch", x.shape[0], x.dtype)))
-    big = ko.FP32_REFERENCE_ROWS
-    for rows, dtype in ((16, torch.float32), (big - 1, torch.float32), (big, torch.float32), (big, torch.bfloat16)):
-        ko.koleo_loss(torch.empty(rows, 4, dtype=dtype))
-        ko.koleo_loss_distributed(torch.empty(rows, 4, dtype=dtype))  # one process: the same choice
+    big, wide = ko.FP32_REFERENCE_ROWS, ko.WIDE_REFERENCE_DIM
+    cases = ((16, 4, torch.float32), (big - 1, 4, torch.float32), (big, 4, torch.float32), (big, 4, torch.bfloat16),
+             (big - 1, wide, torch.bfloat16), (big, wide, torch.bfloat16))
+    for rows, dim, dtype in cases:
+        ko.koleo_loss(torch.empty(rows, dim, dtype=dtype))
+        ko.koleo_loss_distributed(torch.empty(rows, dim, dtype=dtype))  # one process: the same choice
     assert calls == [(path, rows, dtype) for path, rows, dtype in (
         ("triton", 16, torch.float32), ("triton", 16, torch.float32),
         ("triton", big - 1, torch.float32), ("triton", big - 1, torch.float32),
         ("torch", big, torch.float32), ("torch", big, torch.float32),
-        ("triton", big, torch.bfloat16), ("triton", big, torch.bfloat16))]
+        ("triton", big, torch.bfloat16), ("triton", big, torch.bfloat16),
+        ("triton", big - 1, torch.bfloat16), ("triton", big - 1, torch.bfloat16),
+        ("torch", big, torch.bfloat16), ("torch", big, torch.bfloat16))]
 
 
 # ---- distributed: 2 gloo processes, equal to one process on the concatenated batch ------------------------------
