@@ -8,18 +8,29 @@ import os
 import uuid
 
 
+def _process_umask():
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+# what a file created with open() gets; some writers (safetensors) create private 0600 files instead
+_FILE_MODE = 0o666 & ~_process_umask()
+
+
 def atomic_write(path, write):
     """Call `write(tmp)` with a temporary path in `path`'s directory, then rename it to `path`; returns `path`.
 
     The temporary name ends with the target's file name, so writers that choose a format by extension (np.save,
     AnnData, safetensors) behave as for the target, and starts with ".tmp-", so directory scans skip it. The writer
-    creates the file itself, so it gets the usual permissions (umask), not a private temp file's 0600. The parent
-    directory is created when missing."""
+    creates the file itself; it then gets the usual permissions (0666 less the umask), also from writers that
+    create private 0600 files (safetensors). The parent directory is created when missing."""
     directory = os.path.dirname(os.path.abspath(os.fspath(path)))
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{os.path.basename(os.fspath(path))}")
     try:
         write(tmp)
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

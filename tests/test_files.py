@@ -48,6 +48,12 @@ def test_files_get_the_usual_permissions_not_private_ones(tmp_path):
     finally:
         os.umask(umask)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+    # safetensors creates its file 0600: the written target still gets what open() gives (the umask's mode)
+    from safetensors.torch import save_file
+    atomic_write(tmp_path / "w.safetensors", lambda tmp: save_file({"w": torch.zeros(2)}, tmp))
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
 
 
 def test_torch_save_round_trip(tmp_path):
