@@ -80,16 +80,32 @@ def _merge_checked(base, extra, source):
     extra = _drop_ignored(extra, source)
     known = set(_flat_keys(base))
     for key in _flat_keys(extra):
-        if key in known:
-            continue
-        # a key whose prefix is a leaf in `base` (or absent) is unknown
-        raise ConfigError(f"{source}: unknown config key `{key}` (not in {DEFAULTS_FILE.name}); "
-                          "check the spelling against the defaults")
+        if key not in known:
+            # a key whose prefix is a leaf in `base` (or absent) is unknown
+            raise ConfigError(f"{source}: unknown config key `{key}` (not in {DEFAULTS_FILE.name}); "
+                              "check the spelling against the defaults")
+        _check_value_type(base, extra, key, source)
     OmegaConf.set_struct(base, True)
     try:
         return OmegaConf.merge(base, extra)
     except ConfigKeyError as exc:  # pragma: no cover - caught above, kept as a safety net
         raise ConfigError(f"{source}: {exc}") from exc
+
+
+def _check_value_type(base, extra, key, source):
+    """A number or a boolean in the defaults must stay one (`train.batch_size_per_gpu=eight` is refused here, naming
+    the key, instead of failing later inside the trainer); null is always allowed."""
+    old, new = OmegaConf.select(base, key), OmegaConf.select(extra, key)
+    if old is None or new is None:
+        return
+    if isinstance(old, bool):
+        ok, expected = isinstance(new, bool), "true or false"
+    elif isinstance(old, (int, float)):
+        ok, expected = isinstance(new, (int, float)) and not isinstance(new, bool), "a number"
+    else:
+        return
+    if not ok:
+        raise ConfigError(f"{source}: `{key}` is {new!r}; expected {expected} (like {old!r})")
 
 
 def _parse_overrides(overrides):

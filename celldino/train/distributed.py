@@ -35,7 +35,7 @@ def select_device(requested="auto", local_rank=0):
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but no CUDA GPU is visible")
+            raise ValueError(f"train.device={requested} but no CUDA GPU is visible (use train.device=cpu or auto)")
         device = torch.device("cuda", local_rank if requested == "cuda" else torch.device(requested).index)
         torch.cuda.set_device(device)
         return device

@@ -161,6 +161,11 @@ def test_cli_errors_name_the_bad_key(tmp_path, capsys):
     assert _launch("--config-file", "demo", "--output-dir", str(tmp_path / "b"), "train.stop_after_iters=0",
                    "train.device=cpu") == 2
     assert "train.stop_after_iters" in capsys.readouterr().err
+    assert _launch("--config-file", "demo", "--output-dir", str(tmp_path / "d"), "train.batch_size_per_gpu=eight") == 2
+    assert "`train.batch_size_per_gpu` is 'eight'; expected a number" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert _launch("--config-file", "demo", "--output-dir", str(tmp_path / "e"), "train.device=cuda") == 2
+        assert "train.device=cuda but no CUDA GPU is visible" in capsys.readouterr().err
     # KoLeo on one image per rank fails before any model is built (it has no nearest neighbour)
     assert _launch("--config-file", "demo", "--output-dir", str(tmp_path / "c"), "train.batch_size_per_gpu=1",
                    "train.device=cpu") == 2
