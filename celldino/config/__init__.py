@@ -12,6 +12,7 @@ import os
 import warnings
 from pathlib import Path
 
+import omegaconf
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError
 
@@ -19,6 +20,14 @@ from celldino.files import atomic_write_text
 
 CONFIG_DIR = Path(__file__).resolve().parent
 DEFAULTS_FILE = CONFIG_DIR / "defaults.yaml"
+# data/sample of the checkout this package runs from: recipes name bundled files as ${sample_data:<relative path>},
+# so `celldino train --config-file demo` finds them from any working directory
+SAMPLE_DATA_DIR = CONFIG_DIR.parent.parent / "data" / "sample"
+if not OmegaConf.has_resolver("sample_data"):
+    # omegaconf 2.4 renamed register_new_resolver (now deprecated) to register_resolver (2.3's deprecated old API)
+    _new_api = tuple(int(v) for v in omegaconf.__version__.split(".")[:2]) >= (2, 4)
+    _register = OmegaConf.register_resolver if _new_api else OmegaConf.register_new_resolver
+    _register("sample_data", lambda relative: str(SAMPLE_DATA_DIR / relative))
 RECIPES_DIR = CONFIG_DIR / "recipes"
 
 # Keys found in reference config files that the reference code never reads.
@@ -155,4 +164,4 @@ def apply_scaling_rules_to_cfg(cfg, world_size=1):
 
 def save_config(cfg, path):
     """Write the merged config atomically (temp file + rename)."""
-    return Path(atomic_write_text(Path(path), OmegaConf.to_yaml(cfg)))
+    return Path(atomic_write_text(Path(path), OmegaConf.to_yaml(cfg, resolve=True)))

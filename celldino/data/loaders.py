@@ -10,6 +10,7 @@ import hashlib
 import itertools
 import logging
 import random
+import re
 from enum import Enum
 from typing import Callable, Optional
 
@@ -247,3 +248,35 @@ def make_data_loader(
         generator=generator,
         **extra,
     )
+
+
+# ---- errors raised inside DataLoader workers ---------------------------------------------------------------------
+
+_WORKER_HEADER = re.compile(r"^Caught (\w+) in DataLoader worker process \d+")
+
+
+def _user_error_names():
+    """Class names of the errors that describe bad input (a file, a key) rather than a bug."""
+    from celldino.data.datasets.base import DatasetError
+    from celldino.data.io import ImageReadError
+    names, todo = set(), [DatasetError, ImageReadError]
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo.extend(cls.__subclasses__())
+    return names
+
+
+def worker_error_message(exc) -> Optional[str]:
+    """The original one-line message of a bad-input error (ImageReadError, DatasetError) raised in a DataLoader
+    worker, which torch re-raises in the main process wrapped with the worker's whole traceback; None for any other
+    exception (a bug keeps its traceback)."""
+    text = str(exc)
+    match = _WORKER_HEADER.match(text)
+    if match is None or match.group(1) not in _user_error_names():
+        return None
+    lines = text.rstrip().splitlines()
+    last_frame = max((i for i, line in enumerate(lines) if line.startswith("  ")), default=0)
+    message = "\n".join(lines[last_frame + 1:])
+    return re.sub(r"^[\w.]*" + match.group(1) + r": ", "", message)
+

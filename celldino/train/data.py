@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler, default_collate
 
-from celldino.data import build_dataset
+from celldino.data import DatasetError, build_dataset
 from celldino.data.collate import collate_data_and_cast, collate_masks
 from celldino.data.loaders import ShardedInfiniteSampler, seed_worker
 from celldino.data.masking import MaskingGenerator, training_max_num_patches
@@ -209,6 +209,25 @@ def build_augmentation(cfg, mode="torch"):
 def n_patch_tokens(cfg):
     side = cfg.crops.global_crops_size // cfg.student.patch_size
     return side * side
+
+
+def open_train_dataset(cfg):
+    """cfg.train.dataset_path, opened and checked before the model is built: a bad dataset string or path names the
+    key, and the first image's channel count must equal student.in_chans (otherwise the mismatch surfaces inside
+    the patch embedding, naming neither the file nor the key)."""
+    spec = str(cfg.train.dataset_path)
+    try:
+        dataset = build_dataset(spec)
+    except DatasetError as exc:
+        raise DatasetError(f"train.dataset_path: {exc}") from exc
+    image, _ = dataset[0]
+    expected, found = int(cfg.student.in_chans), int(image.shape[0])
+    if found != expected:
+        where = dataset.image_path(0) if hasattr(dataset, "image_path") else f"{spec} item 0"
+        raise DatasetError(f"train.dataset_path: {where} has {found} channel(s) (after any channels= selection) but "
+                           f"student.in_chans={expected}: set student.in_chans={found}, or select "
+                           f"{expected} channel(s) with :channels=... in the dataset string")
+    return dataset
 
 
 def build_train_loader(cfg, start_iter=0, rank=0, world_size=1, dtype=torch.float32, dataset=None,

@@ -44,6 +44,7 @@ def main(args):
     from celldino.config import ConfigError, load_config
 
     from .trainer import TrainingDivergedError, run_training
+    from celldino.data.loaders import worker_error_message
     try:
         cfg = load_config(args.config_file, args.opts)
     except ConfigError as exc:
@@ -54,8 +55,14 @@ def main(args):
     except TrainingDivergedError as exc:
         print(f"celldino train: {exc}", file=sys.stderr)
         return 1
-    except ValueError as exc:  # bad settings found while building the run
-        print(f"celldino train: {exc}", file=sys.stderr)
+    except ValueError as exc:  # bad settings or input found while building or running the run
+        print(f"celldino train: {worker_error_message(exc) or exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:  # a bad file met by a DataLoader worker arrives wrapped in a RuntimeError
+        message = worker_error_message(exc)
+        if message is None:
+            raise
+        print(f"celldino train: {message}", file=sys.stderr)
         return 2
     rank = int(os.environ.get("RANK", 0))
     if rank == 0:

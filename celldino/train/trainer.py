@@ -30,7 +30,7 @@ from celldino.config import apply_scaling_rules_to_cfg, save_config
 
 from . import distributed
 from .checkpointing import TrainState, clean_partial_saves, export_teacher, load_latest, save_checkpoint
-from .data import augment_on_device, augmentation_mode, build_train_loader, derive_seed
+from .data import augment_on_device, augmentation_mode, build_train_loader, derive_seed, open_train_dataset
 from .metrics import MetricsWriter, Progress, SmoothedValue, peak_memory_mb, peak_tflops, ssl_step_flops
 from .optim import apply_optim_scheduler, build_optimizer
 from .parallel import fsdp_setting, make_plan, parallelize
@@ -298,9 +298,9 @@ class Trainer:
 
     # ---- the loop ------------------------------------------------------------------------------------------------
 
-    def run(self, data=None):
+    def run(self, data=None, dataset=None):
         """data: optional iterable of collated batches (each with an "iteration" key) replacing the configured
-        dataset, for tests and benchmarks."""
+        dataset, for tests and benchmarks; dataset: the training dataset already opened (open_train_dataset)."""
         cfg = self.cfg
         if self.is_main:
             print(f"celldino train: {cfg.student.arch} ({self.n_params / 1e6:.1f} M backbone parameters), "
@@ -315,7 +315,7 @@ class Trainer:
             return summary
         if data is None:
             data = build_train_loader(cfg, self.start_iter, self.rank, self.world_size, dtype=self.plan.input_dtype,
-                                      device=self.device)
+                                      dataset=dataset, device=self.device)
         meters = {"iter_time": SmoothedValue(), "data_time": SmoothedValue()}
         flops_cache = {}
         pending = []
@@ -413,10 +413,12 @@ def run_training(cfg, output_dir, resume=True, data=None):
     newest checkpoint there unless resume=False. Returns a summary dict (iterations run, where it stopped and
     why, the last checkpoint, the teacher exports, the per-iteration losses, the last metrics line).
     data: optional iterable of collated batches to train on instead of cfg.train.dataset_path."""
+    # the dataset first: a bad path or channel count fails in seconds, before any model or output is made
+    dataset = open_train_dataset(cfg) if data is None else None
     trainer = None
     try:
         trainer = Trainer(cfg, output_dir, resume=resume)
-        return trainer.run(data)
+        return trainer.run(data, dataset=dataset)
     finally:
         if trainer is not None:
             trainer.close()

@@ -172,6 +172,35 @@ def test_cli_errors_name_the_bad_key(tmp_path, capsys):
     assert "KoLeo needs at least 2 images per rank" in capsys.readouterr().err
 
 
+def test_cli_names_the_bad_dataset_file_or_key_before_building_anything(tmp_path, capsys):
+    """Bad input meets the user as one line naming the file or the key, never a worker's traceback: a corrupt
+    TIFF read in a DataLoader worker, a channel count that does not match the model, an unknown dataset."""
+    import shutil
+
+    from train_helpers import SAMPLE_CSV, TINY
+    cells = tmp_path / "cells"
+    cells.mkdir()
+    sources = sorted((SAMPLE_CSV.parent / "train").rglob("*.tif"))[:4]
+    for k, src in enumerate(sources):
+        shutil.copy(src, cells / f"cell_{k}.tif")
+    (cells / "cell_3.tif").write_bytes(b"II*\x00 truncated")  # not the first item: only a worker reads it
+    base = [o for o in TINY if not o.startswith("train.dataset_path")]
+    run = ["--output-dir", str(tmp_path / "out"), *base, f"train.dataset_path=Folder:root={cells}"]
+
+    assert _launch(*run, "train.num_workers=1") == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(f"celldino train: {cells / 'cell_3.tif'}: ")
+
+    (cells / "cell_3.tif").unlink()
+    assert _launch(*run, "student.in_chans=3", "--output-dir", str(tmp_path / "out2")) == 2
+    err = capsys.readouterr().err
+    assert f"{cells / 'cell_0.tif'} has 1 channel(s)" in err and "student.in_chans=3" in err
+    assert not (tmp_path / "out2").exists()  # nothing was built
+
+    assert _launch(*run, "train.dataset_path=Imagenet:root=/nowhere") == 2
+    assert "train.dataset_path: dataset string 'Imagenet:root=/nowhere': unknown dataset" in capsys.readouterr().err
+
+
 def test_cli_trains_and_resumes(tmp_path, capsys):
     from train_helpers import TINY
     args = ["--config-file", "demo", "--output-dir", str(tmp_path)] + TINY + ["optim.epochs=1",
