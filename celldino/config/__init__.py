@@ -162,6 +162,24 @@ def apply_scaling_rules_to_cfg(cfg, world_size=1):
     return cfg
 
 
+def config_differences(old, new, ignore=("train.output_dir",)):
+    """[(key, old value, new value)] for the leaf keys whose values differ between two configs (a key only one
+    of them has counts, with None on the other side)."""
+    def flat(cfg):
+        out = {}
+
+        def walk(node, prefix):
+            for key, value in node.items():
+                if isinstance(value, dict):
+                    walk(value, f"{prefix}{key}.")
+                else:
+                    out[f"{prefix}{key}"] = value
+        walk(OmegaConf.to_container(cfg, resolve=True), "")
+        return out
+    a, b = flat(old), flat(new)
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if k not in ignore and a.get(k) != b.get(k)]
+
+
 def save_config(cfg, path):
     """Write the merged config atomically (temp file + rename)."""
     return Path(atomic_write_text(Path(path), OmegaConf.to_yaml(cfg, resolve=True)))

@@ -20,13 +20,15 @@ import copy
 import logging
 import math
 import signal
+import sys
 import time
 import warnings
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
-from celldino.config import apply_scaling_rules_to_cfg, save_config
+from celldino.config import apply_scaling_rules_to_cfg, config_differences, save_config
 
 from . import distributed
 from .checkpointing import TrainState, clean_partial_saves, export_teacher, load_latest, save_checkpoint
@@ -75,6 +77,28 @@ def prepare_config(cfg, output_dir, world_size):
     apply_scaling_rules_to_cfg(cfg, world_size=world_size)
     _check_config(cfg)
     return cfg
+
+
+# settings that do not change what a resumed run computes (stop_after_iters is how runs are cut and resumed)
+_RESUME_NEUTRAL_KEYS = ("train.output_dir", "train.stop_after_iters", "train.num_workers", "train.log_period")
+
+
+def _report_config_changes(saved_path, cfg):
+    """Say (log and console) which settings differ from the config saved by the previous run in this directory:
+    resuming with another batch size or schedule length is allowed (as the reference) but changes the run."""
+    if not saved_path.is_file():
+        return
+    try:
+        changes = config_differences(OmegaConf.load(saved_path), cfg, ignore=_RESUME_NEUTRAL_KEYS)
+    except Exception as exc:  # noqa: BLE001 - an unreadable old config must not stop the run
+        logger.warning("could not compare with the previous %s: %s", saved_path, exc)
+        return
+    if changes:
+        listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes[:8])
+        more = f" (and {len(changes) - 8} more)" if len(changes) > 8 else ""
+        message = f"settings changed since the previous run in this directory: {listed}{more}"
+        logger.warning(message)
+        print(f"celldino train: {message}", file=sys.stderr, flush=True)
 
 
 def _optional_int(cfg, key, minimum=1):
@@ -137,6 +161,8 @@ class Trainer:
     def _build(self, cfg, resume):
         self.cfg = cfg = prepare_config(cfg, self.output_dir, self.world_size)
         if self.is_main:
+            if resume:
+                _report_config_changes(self.output_dir / "config.yaml", cfg)
             save_config(cfg, self.output_dir / "config.yaml")
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # as the reference

@@ -208,7 +208,14 @@ def test_cli_trains_and_resumes(tmp_path, capsys):
     assert _launch(*args, "train.stop_after_iters=1") == 0
     assert "stop_after_iters at iteration 1 of 2" in capsys.readouterr().out
     assert _launch(*args) == 0
-    assert "finished at iteration 2 of 2" in capsys.readouterr().out
+    out = capsys.readouterr()
+    assert "finished at iteration 2 of 2" in out.out and "settings changed" not in out.err  # stop_after_iters only
+    # resuming with another schedule is allowed (as the reference) but said, on the console and in the log
+    assert _launch(*args, "optim.epochs=2", "optim.base_lr=0.001") == 0
+    err = capsys.readouterr().err
+    assert "settings changed since the previous run in this directory: optim.base_lr: 0.004 -> 0.001" in err
+    assert "optim.epochs: 1 -> 2" in err and "optim.lr:" in err
+    assert "optim.epochs: 1 -> 2" in (tmp_path / "logs" / "log.txt").read_text()
 
 
 def test_submit_runs_the_trainer_through_submitit(tmp_path, monkeypatch, capsys):
