@@ -70,6 +70,9 @@ def main(args):
         loss = f", last total loss {last['total_loss']:.4f}" if last else ""
         print(f"celldino train: {summary['stopped']} at iteration {summary['end_iteration']} of "
               f"{summary['max_iter']}{loss}; checkpoint {summary.get('checkpoint')}", flush=True)
+        if summary.get("skipped_items"):
+            print(f"celldino train: {summary['skipped_items']} unreadable items skipped (on_error=skip; each is "
+                  "named in logs/log.txt)", flush=True)
     if (summary["stopped"] == "signal" and summary.get("signal") in ("SIGUSR1", "SIGUSR2") and rank == 0
             and os.environ.get("CELLDINO_NO_REQUEUE") != "1"):
         _requeue_slurm_job()

@@ -340,6 +340,7 @@ class Trainer:
                            checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None)
             return summary
         if data is None:
+            dataset = dataset if dataset is not None else open_train_dataset(cfg)
             data = build_train_loader(cfg, self.start_iter, self.rank, self.world_size, dtype=self.plan.input_dtype,
                                       dataset=dataset, device=self.device)
         meters = {"iter_time": SmoothedValue(), "data_time": SmoothedValue()}
@@ -419,6 +420,10 @@ class Trainer:
         if summary["loss_history"]:
             it, row = summary["loss_history"][-1]
             summary["last_losses"] = {"iteration": it, **dict(zip(self.loss_keys, row)), "total_loss": sum(row)}
+        skipped = getattr(dataset, "skipped", None)
+        summary["skipped_items"] = int(skipped.value) if skipped is not None else 0  # this rank's (on_error=skip)
+        if summary["skipped_items"]:
+            logger.warning("%d unreadable items were skipped on this rank (on_error=skip)", summary["skipped_items"])
         return summary
 
     def close(self):

@@ -191,6 +191,12 @@ def test_cli_names_the_bad_dataset_file_or_key_before_building_anything(tmp_path
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(f"celldino train: {cells / 'cell_3.tif'}: ")
 
+    # the user may choose to skip unreadable files instead: counted, and said at the end
+    assert _launch("--output-dir", str(tmp_path / "skip"), *base, f"train.dataset_path=Folder:root={cells}:on_error=skip",
+                   "train.stop_after_iters=2") == 0
+    out = capsys.readouterr().out
+    assert "stop_after_iters at iteration 2" in out and "unreadable items skipped (on_error=skip" in out
+
     (cells / "cell_3.tif").unlink()
     assert _launch(*run, "student.in_chans=3", "--output-dir", str(tmp_path / "out2")) == 2
     err = capsys.readouterr().err
