@@ -329,7 +329,10 @@ class Trainer:
         dataset, for tests and benchmarks; dataset: the training dataset already opened (open_train_dataset)."""
         cfg = self.cfg
         if self.is_main:
-            print(f"celldino train: {cfg.student.arch} ({self.n_params / 1e6:.1f} M backbone parameters), "
+            sizes = [f"{k} {cfg.student.get(k)}" for k in ("embed_dim", "depth", "num_heads")
+                     if cfg.student.get(k) is not None]  # overrides of the arch's own sizes
+            arch = f"{cfg.student.arch}/{cfg.student.patch_size}" + (f" with {', '.join(sizes)}" if sizes else "")
+            print(f"celldino train: {arch} ({self.n_params / 1e6:.1f} M backbone parameters), "
                   f"{self.world_size} x {self.device.type}, {self.plan.student['backbone'].param_dtype}, "
                   f"iterations {self.start_iter} -> {self.max_iter}; output {self.output_dir}", flush=True)
         summary = {"output_dir": str(self.output_dir), "start_iteration": self.start_iter,
