@@ -117,7 +117,10 @@ def _decode_series(tf, series, threads, channels_first):
         r1 = min(rows, r0 + rows_per_strip)
         target = np.empty((r1 - r0, row_items), dtype) if transpose else out[page, plane, r0:r1]
         start = int(offsets[page][strip]) - lo
-        codec(view[start:start + int(counts[page][strip])], out=target.reshape(-1).view(np.uint8))
+        decoded = codec(view[start:start + int(counts[page][strip])], out=target.reshape(-1).view(np.uint8))
+        if np.asarray(decoded).nbytes != target.nbytes:  # a short strip would leave np.empty's garbage behind
+            raise ValueError(f"strip {strip} of page {page} decoded to {np.asarray(decoded).nbytes} bytes, "
+                             f"expected {target.nbytes}")
         grid = target.reshape(r1 - r0, width, samples)
         if key.predictor == 2:  # horizontal differencing: running sum along each row, per sample, wrapping
             np.cumsum(grid, axis=1, dtype=dtype, out=grid)

@@ -120,6 +120,22 @@ def test_a_corrupt_strip_falls_back_to_tifffile_and_its_error(tmp_path):
         read_image(str(path))
 
 
+@pytest.mark.parametrize("compression", ["zlib", "lzw"])
+def test_a_strip_that_decodes_short_is_not_taken(tmp_path, compression):
+    """A strip whose byte count is cut still decodes without a codec error, just to fewer bytes: the fast path
+    must notice (np.empty's leftovers would otherwise be returned as pixels) and leave the file to tifffile."""
+    path = tmp_path / "short.tif"
+    tifffile.imwrite(str(path), _pixels((3, 64, 64), "uint16"), photometric="minisblack", planarconfig="separate",
+                     compression=compression, rowsperstrip=8)
+    with tifffile.TiffFile(str(path), mode="r+b") as tf:
+        counts = list(tf.pages[0].databytecounts)
+        counts[1] //= 2
+        tf.pages[0].tags["StripByteCounts"].overwrite(counts)
+    assert _fast(str(path)) is None
+    with pytest.raises(ImageReadError, match="short.tif"):
+        read_image(str(path))
+
+
 def test_every_bundled_sample_tiff_decodes_like_tifffile():
     """The real microscopy TIFFs of data/sample (single-page and multi-page deflate, uint8 and uint16)."""
     import glob
