@@ -49,6 +49,23 @@ class SelfNormalizeNoDiv(torch.nn.Module):
         return self_normalize(x, self.eps)
 
 
+class ResizeKeepingConstantChannels(transforms.Resize):
+    """torchvision Resize, except that a channel constant in the input stays exactly that constant: bicubic weights
+    sum to 1 only up to rounding, leaving a few ulps of spread that self-normalisation would blow up into values of
+    order 1 on a blank channel (bilinear stays within the 4-ulp rule of `self_normalize`, bicubic does not)."""
+
+    def forward(self, img):
+        out = super().forward(img)
+        if not torch.is_tensor(img) or img.ndim < 3 or img.shape[-1] * img.shape[-2] == 0:
+            return out
+        flat = img.flatten(-2)
+        low = flat.amin(-1)
+        constant = flat.amax(-1) == low
+        if constant.any():
+            out = torch.where(constant[..., None, None], low[..., None, None].to(out.dtype), out)
+        return out
+
+
 def _normalization_type(value) -> NormalizationType:
     if isinstance(value, NormalizationType):
         return value
@@ -79,7 +96,8 @@ def make_classification_eval_cell_transform(
     kind = _normalization_type(normalization_type)
     steps = [ScaleIntensity(intensity_scale)]
     if resize_size > 0:
-        steps.append(transforms.Resize(resize_size, interpolation=interpolation, antialias=resize_antialias))
+        steps.append(ResizeKeepingConstantChannels(resize_size, interpolation=interpolation,
+                                                   antialias=resize_antialias))
     if kind == NormalizationType.SELF_NORM_AUG_DECODER:
         steps += [
             transforms.RandomCrop(size=crop_size, pad_if_needed=True),

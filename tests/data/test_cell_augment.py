@@ -152,6 +152,23 @@ def test_eval_center_crop_transform(resize):
         assert (aa - out).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("antialias", [False, True])
+def test_eval_resize_keeps_blank_channels_blank(antialias):
+    """A constant channel stays exactly 0 through the bicubic resize and self-normalisation (the resize's rounding
+    spread, a few ulps, used to come out as values of order 1), while the other channels are untouched."""
+    img = _image(3, 300, 300, np.uint16)
+    img[0] = 1234
+    img[2] = 0
+    t = make_classification_eval_cell_transform(resize_size=224, crop_size=200, resize_antialias=antialias)
+    out = t(img)
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.equal(out[2], torch.zeros_like(out[2]))
+    x = TF.resize(img[1:2].to(torch.float32) / 65535, 224, interpolation=InterpolationMode.BICUBIC,
+                  antialias=antialias)
+    x = TF.center_crop(x, [200, 200])
+    m, s = x.mean((-2, -1), keepdim=True), x.std((-2, -1), unbiased=False, keepdim=True)
+    torch.testing.assert_close(out[1:2], (x - m) / (s + 1e-7))
+
+
 def test_eval_aug_decoder_transform_pads_and_flips():
     img = _image(2, 20, 30, np.uint8)
     t = make_classification_eval_cell_transform(crop_size=32, normalization_type="SELF_NORM_AUG_DECODER")
