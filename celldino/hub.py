@@ -50,8 +50,12 @@ def _build(arch, kwargs, source):
         return builder(**kwargs)
     if kwargs.get("num_heads") is None:
         raise CheckpointError(f"{source}: embed_dim {kwargs.get('embed_dim')} / depth {kwargs.get('depth')} is not a "
-                              f"standard arch ({sorted(ARCHS)}) and the file does not record num_heads: pass "
-                              "num_heads=... (or arch=...)")
+                              f"standard arch ({sorted(ARCHS)}) and the file does not record num_heads (the weights "
+                              "cannot tell it): pass --num-heads N on the command line (num_heads=N in Python); a "
+                              "celldino .safetensors export (written beside every exported .pth) records it")
+    if int(kwargs["num_heads"]) < 1 or kwargs["embed_dim"] % int(kwargs["num_heads"]):
+        raise CheckpointError(f"{source}: num_heads {kwargs['num_heads']} does not divide embed_dim "
+                              f"{kwargs['embed_dim']}")
     return DinoVisionTransformer(**kwargs)
 
 

@@ -60,6 +60,8 @@ def read_checkpoint(path):
     if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", str(path)):
         raise CheckpointError(f"{path}: is a URL; celldino does not download weights: download the file yourself "
                               "and pass its local path")
+    if os.path.isdir(path):
+        raise CheckpointError(_directory_message(path))
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.endswith(".safetensors") or _is_safetensors(path):
@@ -92,6 +94,37 @@ def _fsdp_sharded_message(source):
     return (f"{source}: this is a sharded FSDP training checkpoint (the reference's model_<iter>.rank_<r>.pth: "
             "LOCAL_STATE_DICT flat parameters, tied to the world size), not a model; load the teacher from "
             "eval/training_<iter>/teacher_checkpoint.pth instead")
+
+
+def _directory_message(path):
+    """What to say for a directory given as a checkpoint: a `celldino train` checkpoints/iter_<n>/ folder is a DCP
+    training checkpoint (every rank's shards of model + optimizer, for resuming), not a model file; the teacher
+    backbone of that iteration is in <output>/eval/training_<n>/ (named when it exists)."""
+    entries = set(os.listdir(path))
+    if not (".metadata" in entries or any(e.endswith(".distcp") for e in entries)):
+        inside = sorted(e for e in entries if e.endswith((".pth", ".pt", ".safetensors")))
+        return (f"{path} is a directory; expected a checkpoint file (a hub .pth, a training teacher_checkpoint.pth, "
+                "a state dict or a celldino .safetensors export)"
+                + (f"; it holds {', '.join(os.path.join(path, e) for e in inside[:4])}" if inside else ""))
+    iteration = None
+    try:
+        with open(os.path.join(path, "meta.json")) as f:
+            iteration = int(json.load(f)["iteration"])
+    except (OSError, ValueError, KeyError, TypeError):
+        match = re.match(r"^iter_(\d+)$", os.path.basename(os.path.normpath(path)))
+        iteration = int(match.group(1)) if match else None
+    text = (f"{path} is a (DCP) training checkpoint directory (sharded model + optimizer state for resuming "
+            "`celldino train`), not a model file; use the teacher of that iteration instead: "
+            "eval/training_<iter>/teacher_checkpoint.pth (or the teacher_backbone.safetensors beside it) in the "
+            "training output directory")
+    if iteration is not None:
+        out_dir = os.path.dirname(os.path.dirname(os.path.abspath(os.path.normpath(path))))
+        for name in ("teacher_checkpoint.pth", "teacher_backbone.safetensors"):
+            candidate = os.path.join(out_dir, "eval", f"training_{iteration}", name)
+            if os.path.isfile(candidate):
+                text += f", here {candidate}"
+                break
+    return text
 
 
 def _first_line(exc):

@@ -220,11 +220,54 @@ def test_reference_fsdp_rank_checkpoint_is_refused_with_a_pointer(tmp_path):
         load_backbone(path)
 
 
-def test_custom_dims_need_num_heads(model, tmp_path):
+def test_custom_dims_need_num_heads(model, image, tmp_path):
     path = tmp_path / "w.pth"
     torch.save(model.state_dict(), path)
-    with pytest.raises(CheckpointError, match="pass num_heads"):
+    with pytest.raises(CheckpointError) as info:
         load_backbone(path)
+    text = str(info.value)  # names the CLI option, the Python keyword and the format that records it
+    assert "--num-heads N" in text and "num_heads=N" in text and ".safetensors export" in text
+    with pytest.raises(CheckpointError, match="num_heads 3 does not divide embed_dim 64"):
+        load_backbone(path, num_heads=3)
+    torch.testing.assert_close(load_backbone(path, num_heads=4)(image), model(image), rtol=0, atol=0)
+
+
+def _dcp_checkpoint_dir(path, iteration):
+    """A real torch.distributed.checkpoint directory, as `celldino train` writes checkpoints/iter_<n>/ (+ its
+    meta.json)."""
+    import json
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "assuming ... a single process"
+        dcp.save({"model": {"w": torch.zeros(2)}}, checkpoint_id=str(path))
+    (path / "meta.json").write_text(json.dumps({"iteration": iteration, "world_size": 1}))
+    return path
+
+
+def test_a_training_checkpoint_directory_points_to_the_teacher(model, tmp_path, capsys):
+    from celldino.cli import main as celldino
+
+    out = tmp_path / "out"
+    ckpt_dir = _dcp_checkpoint_dir(out / "checkpoints" / "iter_00000011", 11)
+    with pytest.raises(CheckpointError) as info:
+        load_backbone(ckpt_dir)
+    text = str(info.value)
+    assert "training checkpoint directory" in text and "eval/training_<iter>/teacher_checkpoint.pth" in text
+    assert "teacher_backbone.safetensors" in text and "not found" not in text and ", here" not in text
+    teacher = out / "eval" / "training_11" / "teacher_checkpoint.pth"
+    teacher.parent.mkdir(parents=True)
+    torch.save(FORMATS["teacher_checkpoint"](model), teacher)
+    with pytest.raises(CheckpointError, match=f"here {teacher}$"):
+        load_backbone(ckpt_dir)
+    # `celldino export` says the same (it used to print "checkpoint not found")
+    assert celldino(["export", "--checkpoint", str(ckpt_dir), "--output-dir", str(tmp_path / "exp")]) == 1
+    err = capsys.readouterr().err
+    assert "training checkpoint directory" in err and str(teacher) in err and "not found" not in err
+    # any other directory: what was expected, and the checkpoint files it holds
+    with pytest.raises(CheckpointError, match=f"training_11 is a directory; expected a checkpoint file.*holds {teacher}"):
+        load_backbone(teacher.parent)
 
 
 def test_checkpoint_files_are_not_left_half_written(model, tmp_path):
