@@ -80,11 +80,13 @@ def image_format(path) -> str:
     """'tiff' | 'png' | 'pil' | 'npy' | 'zarr', from the extension, else from the first bytes."""
     p = os.fspath(path)
     low = p.lower().rstrip("/")
-    if os.path.isdir(p) or low.endswith(ZARR_EXTS):
+    if low.endswith(ZARR_EXTS):
         return "zarr"
     for exts, kind in ((TIFF_EXTS, "tiff"), (PNG_EXTS, "png"), (NPY_EXTS, "npy"), (PIL_EXTS, "pil")):
         if low.endswith(exts):
-            return kind
+            return kind  # a directory named like an image is then "not a regular file", not a zarr store
+    if os.path.isdir(p):
+        return "zarr"
     try:
         with open(p, "rb") as f:
             head = f.read(8)
@@ -397,7 +399,8 @@ def read_image_and_names(
         raise ValueError(f"layout={layout!r}: expected one of {LAYOUTS}")
     kind = image_format(path)
     if kind != "zarr" and not os.path.isfile(path):
-        raise ImageNotFoundError(path, "file not found" if not os.path.exists(path) else "not a regular file")
+        raise ImageNotFoundError(path, "file not found" if not os.path.exists(path) else
+                                 "is a directory, not an image file" if os.path.isdir(path) else "not a regular file")
     names = None
     if kind == "tiff":
         arr, axes, names = _read_tiff(path, series, channels_first=layout == "auto")
@@ -482,7 +485,8 @@ def probe_image(path, *, layout: str = "auto", tiles: Optional[int] = None, seri
     path = os.fspath(path)
     kind = image_format(path)
     if kind != "zarr" and not os.path.isfile(path):
-        raise ImageNotFoundError(path, "file not found" if not os.path.exists(path) else "not a regular file")
+        raise ImageNotFoundError(path, "file not found" if not os.path.exists(path) else
+                                 "is a directory, not an image file" if os.path.isdir(path) else "not a regular file")
     if kind == "tiff":
         shape, axes, dtype, names = _read_tiff(path, series, header_only=True)
         if len(shape) == 2 and layout == "strip" or len(shape) == 3 and layout in ("chw", "hwc"):

@@ -363,6 +363,49 @@ def test_csv_missing_rows_error_or_skip(tmp_path):
         build_dataset(f"CSV:path={tmp_path}/nothing.csv")
 
 
+def test_csv_file_problems_name_the_csv_and_its_line(tmp_path, caplog):
+    _csv_tree(str(tmp_path))
+    meta = tmp_path / "meta.csv"
+    # line numbers are the file's, also after split= filtering: c5 (line 7) is the second val row
+    os.remove(tmp_path / "imgs" / "c5.tif")
+    with pytest.raises(DatasetError, match=r"meta.csv row 7: file not found: .*c5.tif"):
+        build_dataset(f"CSV:path={meta}:split=val")
+    dup = tmp_path / "dup.csv"
+    dup.write_text("file,label,label\nimgs/c0.tif,1,5\n")
+    with pytest.raises(DatasetError, match=r"dup.csv repeats the column name\(s\) \['label'\]"):
+        build_dataset(f"CSV:path={dup}")
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("file,label\nimgs/c0.tif,caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(DatasetError, match=r"latin.csv is not UTF-8 text"):
+        build_dataset(f"CSV:path={latin}")
+    with pytest.raises(DatasetError, match=r"imgs is a directory \(expected a .csv file\)"):
+        build_dataset(f"CSV:path={tmp_path / 'imgs'}")
+    # a directory named like an image is said to be one (it used to be read as a zarr store)
+    os.makedirs(tmp_path / "imgs" / "fake.tif")
+    listed = tmp_path / "dir.csv"
+    listed.write_text("file\nimgs/c0.tif\nimgs/fake.tif\n")
+    ds = build_dataset(f"CSV:path={listed}")
+    with pytest.raises(ImageReadError, match=r"fake.tif: is a directory, not an image file"):
+        ds[1]
+    # an empty label cell is a class of its own: allowed, but said
+    blank = tmp_path / "blank.csv"
+    blank.write_text("file,label\nimgs/c0.tif,1\nimgs/c1.tif,\n")
+    with caplog.at_level("WARNING", logger="celldino"):
+        assert build_dataset(f"CSV:path={blank}").classes == ["", "1"]
+    assert "1 row(s) with an empty 'label' cell (first: row 3)" in caplog.text
+
+
+def test_folder_follows_linked_folders_once(tmp_path):
+    root, elsewhere = tmp_path / "root", tmp_path / "elsewhere"
+    for folder in (root / "a", elsewhere / "b"):
+        os.makedirs(folder)
+        tifffile.imwrite(folder / "x.tif", np.zeros((4, 4), np.uint16))
+    os.symlink(elsewhere / "b", root / "b")
+    os.symlink(root, root / "a" / "loop")  # a link back up must not walk forever
+    ds = build_dataset(f"Folder:root={root}")
+    assert ds.classes == ["a", "b"] and len(ds) == 2
+
+
 def test_bad_files_raise_by_default_and_skip_counts(tmp_path):
     _csv_tree(str(tmp_path))
     (tmp_path / "imgs" / "c1.tif").write_text("garbage")

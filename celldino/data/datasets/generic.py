@@ -66,7 +66,13 @@ class FolderDataset(ImageDataset):
     @staticmethod
     def _scan(root: str, exts: tuple, recursive: bool) -> list:
         found = []
-        for dirpath, dirnames, filenames in os.walk(root):
+        seen = set()  # real paths of the folders walked: linked folders are followed, each once (no link loops)
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            real = os.path.realpath(dirpath)
+            if real in seen:
+                dirnames[:] = []
+                continue
+            seen.add(real)
             dirnames.sort()
             zarrs = [d for d in dirnames if d.lower().endswith(ZARR_EXTS)]
             if any(e in ZARR_EXTS for e in exts):
@@ -113,14 +119,27 @@ class CSVDataset(ImageDataset):
             raise DatasetError("CSV: the path key is required (CSV:path=/path/to/images.csv)")
         self.csv_path = os.path.abspath(os.path.expanduser(str(path)))
         if not os.path.isfile(self.csv_path):
-            raise DatasetError(f"CSV: {self.csv_path} does not exist")
+            what = "is a directory (expected a .csv file)" if os.path.isdir(self.csv_path) else "does not exist"
+            raise DatasetError(f"CSV: {self.csv_path} {what}")
         self.root = os.path.abspath(os.path.expanduser(str(root))) if root else os.path.dirname(self.csv_path)
-        with open(self.csv_path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            header = reader.fieldnames or []
-            rows = list(reader)
+        line_of = {}  # id(row) -> the file line the row ends on (for messages; quoted cells may span lines)
+        try:
+            with open(self.csv_path, newline="", encoding="utf-8-sig") as f:
+                reader = csv.DictReader(f)
+                header = reader.fieldnames or []
+                rows = []
+                for r in reader:
+                    line_of[id(r)] = reader.line_num
+                    rows.append(r)
+        except UnicodeDecodeError as exc:
+            raise DatasetError(f"CSV: {self.csv_path} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                               "save it as UTF-8") from None
         if not header:
             raise DatasetError(f"CSV: {self.csv_path} is empty (no header row)")
+        repeated = sorted({c for c in header if header.count(c) > 1})
+        if repeated:
+            raise DatasetError(f"CSV: {self.csv_path} repeats the column name(s) {repeated}: each column needs its "
+                               "own name")
         if column is None:
             column = next((c for c in PATH_COLUMNS if c in header), None)
             if column is None:
@@ -138,21 +157,20 @@ class CSVDataset(ImageDataset):
             if split_column not in header:
                 raise DatasetError(f"CSV: split={split!r} but {self.csv_path} has no {split_column!r} column")
             rows = [r for r in rows if r[split_column] == split]
-        line_of = {id(r): k for k, r in enumerate(rows)}
 
         paths, kept, missing = [], [], 0
         for r in rows:
             rel = (r.get(column) or "").strip()
             if not rel:
-                raise DatasetError(f"CSV: {self.csv_path} row {line_of[id(r)] + 2}: empty {column!r}")
+                raise DatasetError(f"CSV: {self.csv_path} row {line_of[id(r)]}: empty {column!r}")
             p = rel if os.path.isabs(rel) else os.path.join(self.root, rel)
             if check_files and not os.path.exists(p):
                 if self.on_error == "skip":
                     missing += 1
                     self.skipped.increment()
-                    logger.warning("CSV: %s row %d: missing file %s (skipped)", self.csv_path, line_of[id(r)] + 2, p)
+                    logger.warning("CSV: %s row %d: missing file %s (skipped)", self.csv_path, line_of[id(r)], p)
                     continue
-                raise DatasetError(f"CSV: {self.csv_path} row {line_of[id(r)] + 2}: file not found: {p}")
+                raise DatasetError(f"CSV: {self.csv_path} row {line_of[id(r)]}: file not found: {p}")
             paths.append(p)
             kept.append(r)
         self.missing_files = missing
@@ -163,6 +181,10 @@ class CSVDataset(ImageDataset):
             targets = [0] * len(kept)
         elif len(label_cols) == 1:
             values = [(r[label_cols[0]] or "").strip() for r in kept]
+            empty = [line_of[id(r)] for r, v in zip(kept, values) if not v]
+            if empty:
+                logger.warning("CSV: %s: %d row(s) with an empty %r cell (first: row %d) form a class of their own, "
+                               "named ''", self.csv_path, len(empty), label_cols[0], empty[0])
             ints = [_as_int(v) for v in values]
             if all(v is not None for v in ints):
                 targets = ints
