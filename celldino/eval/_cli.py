@@ -16,6 +16,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, crop_default: int, b
     g.add_argument("--checkpoint", required=True, help="backbone weights: hub .pth, training teacher_checkpoint.pth, "
                    "a state dict or a celldino .safetensors export (architecture inferred from the file)")
     g.add_argument("--arch", default=None, help="override the inferred architecture (vit_small, vit_base, ...)")
+    g.add_argument("--num-heads", type=int, default=None,
+                   help="attention heads: needed only for a non-standard width / depth loaded from a file that does "
+                        "not record it (a .pth; celldino .safetensors exports record it)")
     g.add_argument("--bag-of-channels", action="store_true",
                    help="channel-adaptive features: every channel encoded separately by a one-channel backbone, "
                         "features concatenated over channels")
@@ -40,7 +43,8 @@ def load_model(args):
     from celldino.models.checkpoint import CheckpointError
 
     try:
-        return load_backbone(args.checkpoint, arch=args.arch)
+        kwargs = {} if args.num_heads is None else {"num_heads": args.num_heads}
+        return load_backbone(args.checkpoint, arch=args.arch, **kwargs)
     except (CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"celldino: cannot load --checkpoint {args.checkpoint}: {exc}", file=sys.stderr)
         return None

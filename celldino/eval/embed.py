@@ -7,7 +7,8 @@ optionally with a UMAP plot.
         --bag-of-channels --crop-size 224 --color label_name
 
 --input: a folder (every image below it; first-level sub-folders become labels), a .csv file (a path column,
-optional label column; all columns go into obs) or any dataset string (`Name:key=value:...`).
+optional label column; all columns go into obs), a single image file (or .zarr store) or any dataset string
+(`Name:key=value:...`).
 Embedding = the final-norm CLS token (what the hub models return); --n-last-blocks N concatenates the CLS tokens
 of the last N blocks and --avgpool appends the mean patch token (the linear-probe input).
 """
@@ -23,7 +24,8 @@ from ._cli import add_model_arguments, autocast_arg, load_model, setup
 
 
 def add_arguments(parser):
-    parser.add_argument("--input", required=True, help="folder, .csv file or dataset string (Name:key=value:...)")
+    parser.add_argument("--input", required=True,
+                        help="folder, .csv file, single image file or dataset string (Name:key=value:...)")
     parser.add_argument("--output", required=True, help="x.npy (features + x.csv of ids and metadata) or x.h5ad")
     parser.add_argument("--umap", default=None, metavar="PNG", help="also write a UMAP plot of the embeddings")
     parser.add_argument("--color", default=None, metavar="COLUMN",
@@ -44,7 +46,7 @@ def _label_info(dataset):
     if hasattr(dataset, "label_columns"):  # CSV
         cols = dataset.label_columns
         return bool(cols), (list(cols) if cols and len(cols) > 1 else None)
-    if type(dataset).__name__ == "FolderDataset":
+    if type(dataset).__name__ in ("FolderDataset", "ImageFileDataset"):  # unlabelled folder / single image
         return False, None
     return True, None
 
@@ -113,10 +115,9 @@ def embed_dataset(model, dataset, output: str, *, umap_png: Optional[str] = None
 
 
 def main(args) -> int:
-    from celldino.data import build_dataset
     from celldino.data.datasets import DatasetError
 
-    from .features import dataset_spec, make_eval_transform
+    from .features import _patch_size, build_input_dataset, make_eval_transform, warn_if_crop_pads
 
     setup(args)
     if args.n_last_blocks < 1:
@@ -129,11 +130,12 @@ def main(args) -> int:
     if model is None:
         return 1
     try:
-        dataset = build_dataset(dataset_spec(args.input), transform=make_eval_transform(args.crop_size,
-                                                                                        args.resize_size))
+        dataset = build_input_dataset(args.input, transform=make_eval_transform(args.crop_size, args.resize_size))
     except (DatasetError, FileNotFoundError, ValueError) as exc:
         print(f"celldino embed: --input {args.input}: {exc}", file=sys.stderr)
         return 1
+    warn_if_crop_pads(dataset, args.crop_size, args.resize_size, what="input",
+                      multiple_of=(_patch_size(model) or (1,))[0])
     info = {"checkpoint": os.path.abspath(args.checkpoint), "input": args.input, "crop_size": args.crop_size,
             "resize_size": args.resize_size}
     try:

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from celldino.data.datasets import ImageDataset
 from celldino.files import atomic_torch_save, atomic_write_text
 
 from . import _dist
@@ -49,6 +50,12 @@ __all__ = [
     "extract_features",
     "make_eval_transform",
     "make_eval_dataset",
+    "build_input_dataset",
+    "ImageFileDataset",
+    "dataset_spec",
+    "describe_item",
+    "require_several_classes",
+    "warn_if_crop_pads",
     "dataset_ids",
     "parse_dtype",
     "resolve_device",
@@ -109,6 +116,16 @@ def linear_input(layers, n_last_blocks: int = 1, avgpool: bool = False) -> torch
     return out.reshape(out.shape[0], -1).float()
 
 
+def _patch_size(model) -> Optional[tuple]:
+    """(height, width) of the backbone's patches, None when it has no patch embedding."""
+    size = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if size is None:
+        size = getattr(model, "patch_size", None)
+    if size is None:
+        return None
+    return (int(size), int(size)) if isinstance(size, int) else tuple(int(v) for v in size)
+
+
 def _in_chans(model) -> Optional[int]:
     config = getattr(model, "config", None)
     if isinstance(config, dict) and "in_chans" in config:
@@ -129,6 +146,7 @@ class FeatureModel(nn.Module):
         # a channel-adaptive model only accepts bag-of-channels inputs
         self.bag_of_channels = options.bag_of_channels or self.model_bag_of_channels
         self.in_chans = _in_chans(model)
+        self.patch_size = _patch_size(model)
         if self.bag_of_channels and not self.model_bag_of_channels and self.in_chans not in (None, 1):
             raise ValueError(f"bag of channels needs a one-channel backbone (in_chans 1); this one has "
                              f"in_chans {self.in_chans}")
@@ -153,6 +171,13 @@ class FeatureModel(nn.Module):
             raise ValueError(f"{where}: the image has {x.shape[1]} channels but the model expects "
                              f"{self.in_chans} (in_chans); use --bag-of-channels with a one-channel model, or select "
                              "channels in the dataset string (channels=...)")
+        if self.patch_size is not None and (x.shape[-2] % self.patch_size[0] or x.shape[-1] % self.patch_size[1]):
+            ph, pw = self.patch_size
+            patch = f"{ph}" if ph == pw else f"{ph}x{pw}"
+            raise ValueError(f"{where}: image size {x.shape[-2]}x{x.shape[-1]} is not a multiple of the model's patch "
+                             f"size {patch}: crop the images to a multiple of it, e.g. --crop-size "
+                             f"{max(ph, (min(x.shape[-2:]) // ph) * ph)} (crop_size=... in Python; smaller images "
+                             "are zero-padded; --resize-size N scales the images first)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         opts = self.options
@@ -207,10 +232,8 @@ def make_eval_transform(crop_size: int = 384, resize_size: int = 0, augment: boo
 
 def make_eval_dataset(spec: str, crop_size: int = 384, resize_size: int = 0, augment: bool = False,
                       intensity_scale=None):
-    """A dataset from a `Name:key=value` string (or a folder / .csv path) with the eval transform."""
-    from celldino.data import build_dataset
-    return build_dataset(dataset_spec(spec), transform=make_eval_transform(crop_size, resize_size, augment,
-                                                                           intensity_scale))
+    """A dataset from a `Name:key=value` string (or a folder / .csv / image file path) with the eval transform."""
+    return build_input_dataset(spec, transform=make_eval_transform(crop_size, resize_size, augment, intensity_scale))
 
 
 def share_label_space(train, *others) -> Optional[List[str]]:
@@ -237,16 +260,112 @@ def share_label_space(train, *others) -> Optional[List[str]]:
     return names
 
 
+def require_several_classes(targets, where: str = "the train split") -> None:
+    """Refuse a classification evaluation whose train labels cannot tell anything apart: one class (a folder
+    without class sub-folders or a CSV without a label column gives every image label 0; kNN / linear F1 would
+    then be a meaningless 100) or multi-hot labels that are never positive. `targets`: labels, or a dataset with
+    get_targets() (anything else is not checked here)."""
+    if hasattr(targets, "get_targets"):
+        targets = targets.get_targets()
+    elif not isinstance(targets, (np.ndarray, torch.Tensor, list, tuple)):
+        return
+    if isinstance(targets, torch.Tensor):
+        targets = targets.cpu().numpy()
+    t = np.asarray(targets)
+    if t.dtype == object or t.size == 0:
+        return
+    hint = ("give labels (class sub-folders of a folder: <root>/<class>/<image>, or a label column in a CSV: "
+            "label=<column>); a one-class evaluation is meaningless")
+    if t.ndim == 1:
+        classes = np.unique(t)
+        if len(classes) < 2:
+            raise ValueError(f"{where} has a single class (label {classes[0].item()!r} for all {len(t)} images): "
+                             f"{hint}")
+    elif t.ndim == 2 and not t.any():
+        raise ValueError(f"{where}: no image has any of its {t.shape[1]} multi-hot labels: {hint}")
+
+
+def warn_if_crop_pads(dataset, crop_size: int, resize_size: int = 0, what: str = "train",
+                      multiple_of: int = 1) -> bool:
+    """Warn (once: call it on the first image of the train split) when that image is smaller than the center
+    crop, which then zero-pads every such image to crop_size x crop_size: slower by the area ratio, and the padding
+    enters the features (e.g. the eval default 384, meant for 512-pixel HPA crops, on 64-pixel cells). The
+    suggested crop is the image's shorter side rounded down to `multiple_of` (the patch size). Returns whether it
+    warned."""
+    if not crop_size or crop_size <= 0 or not hasattr(dataset, "read_array") or len(dataset) == 0:
+        return False
+    try:
+        h, w = (int(v) for v in dataset.read_array(0).shape[-2:])
+    except Exception:  # unreadable first image: extraction reports it with its file name
+        return False
+    if resize_size and resize_size > 0:  # Resize(int) scales the shorter side to resize_size
+        scale = resize_size / min(h, w)
+        h, w = (resize_size, int(w * scale)) if h <= w else (int(h * scale), resize_size)
+    if h >= crop_size and w >= crop_size:
+        return False
+    path = dataset.image_path(0) if hasattr(dataset, "image_path") else "item 0"
+    logger.warning("the first %s image (%s) is %dx%d%s, smaller than the crop size %d: images are center-cropped "
+                   "to %dx%d, i.e. zero-padded, which costs ~%.0fx the compute of the image itself and puts the "
+                   "padding into the features; pass --crop-size 0 to keep whole images (or the image size, e.g. "
+                   "--crop-size %d)", what, path, h, w, " after --resize-size" if resize_size else "", crop_size,
+                   crop_size, crop_size, crop_size * crop_size / max(1, h * w),
+                   max(multiple_of, min(h, w) // multiple_of * multiple_of))
+    return True
+
+
+def is_image_path(path: str) -> bool:
+    """An existing single image: a file with an image extension, or an OME-Zarr store (a *.zarr directory)."""
+    from celldino.data.io import IMAGE_EXTS, ZARR_EXTS
+
+    path = os.path.expanduser(str(path))
+    low = path.rstrip(os.sep).lower()
+    if os.path.isdir(path):
+        return low.endswith(ZARR_EXTS)
+    return os.path.isfile(path) and low.endswith(tuple(e for e in IMAGE_EXTS if e not in ZARR_EXTS))
+
+
 def dataset_spec(value: str) -> str:
-    """A folder -> 'Folder:root=...', a .csv file -> 'CSV:path=...', anything else is a dataset string."""
+    """A folder -> 'Folder:root=...', a .csv file -> 'CSV:path=...', a single image file (or .zarr store) -> its
+    absolute path (`build_input_dataset` reads it as a one-item dataset), anything else is a dataset string."""
+    from celldino.data.io import IMAGE_EXTS
+
     s = str(value)
-    if os.path.isdir(os.path.expanduser(s)):
-        return f"Folder:root={os.path.abspath(os.path.expanduser(s))}"
-    if s.lower().endswith(".csv") and os.path.isfile(os.path.expanduser(s)):
-        return f"CSV:path={os.path.abspath(os.path.expanduser(s))}"
-    if ":" not in s and (os.sep in s or s.lower().endswith(".csv")):
-        raise FileNotFoundError(f"input {s!r}: no such folder or CSV file")
+    path = os.path.expanduser(s)
+    if is_image_path(path):
+        return os.path.abspath(path)
+    if os.path.isdir(path):
+        return f"Folder:root={os.path.abspath(path)}"
+    if s.lower().endswith(".csv") and os.path.isfile(path):
+        return f"CSV:path={os.path.abspath(path)}"
+    if os.path.isfile(path):
+        raise FileNotFoundError(f"input {s!r} is a file but neither a .csv nor an image (extensions: "
+                                f"{', '.join(IMAGE_EXTS)})")
+    if ":" not in s and (os.sep in s or "." in os.path.basename(s)):
+        raise FileNotFoundError(f"input {s!r}: no such folder, CSV or image file")
     return s
+
+
+class ImageFileDataset(ImageDataset):
+    """One image file (or OME-Zarr store) as an unlabelled one-item dataset: `celldino embed --input cell.tif`."""
+
+    name = "Image"
+
+    def __init__(self, path: str, **kwargs):
+        super().__init__(**kwargs)
+        self.root = os.path.dirname(os.path.abspath(path))
+        self.classes = None
+        self._paths, self._targets = [os.path.abspath(path)], [0]
+        self._finalize(path)
+
+
+def build_input_dataset(value: str, transform=None):
+    """The dataset of a CLI input: a folder, a .csv, a single image file or a dataset string (`dataset_spec`)."""
+    from celldino.data import build_dataset
+
+    spec = dataset_spec(value)
+    if is_image_path(spec):
+        return ImageFileDataset(spec, transform=transform)
+    return build_dataset(spec, transform=transform)
 
 
 def dataset_ids(dataset) -> List[str]:
@@ -319,6 +438,15 @@ def _prepare_cache(cache_dir, fingerprint, group):
     _dist.barrier(group)
 
 
+def describe_item(dataset, index: int, where: Optional[str] = None) -> str:
+    """'<where> item <index> (<file>)' for error messages: the file when the dataset knows it."""
+    text = f"{where or getattr(dataset, 'name', type(dataset).__name__)} item {index}"
+    try:
+        return f"{text} ({dataset.image_path(index)})" if hasattr(dataset, "image_path") else text
+    except Exception:  # an error message must not fail on a dataset that cannot name the file
+        return text
+
+
 def _encode_range(feature_model, dataset, start, end, *, batch_size, num_workers, device, pbar, where):
     from torch.utils.data import DataLoader, Subset
 
@@ -334,18 +462,19 @@ def _encode_range(feature_model, dataset, start, end, *, batch_size, num_workers
         groups: dict = {}
         for j, img in enumerate(images):
             if not isinstance(img, torch.Tensor):
-                raise TypeError(f"{where}: item {start + pos + j} is a {type(img).__name__}, expected a tensor "
-                                "(does the dataset have a transform?)")
+                raise TypeError(f"{describe_item(dataset, start + pos + j, where)} is a {type(img).__name__}, "
+                                "expected a tensor (does the dataset have a transform?)")
             groups.setdefault(tuple(img.shape), []).append(j)
         for shape, members in groups.items():
             x = torch.stack([images[j] for j in members]).to(device, non_blocking=True).float()
-            feature_model.check_input(x, f"{where} item {start + pos + members[0]}")
+            feature_model.check_input(x, describe_item(dataset, start + pos + members[0], where))
             out = feature_model(x).cpu()
             if feats is None:
                 feats = torch.empty(end - start, out.shape[1], dtype=torch.float32)
             if out.shape[1] != feats.shape[1]:
-                raise ValueError(f"{where}: item {start + pos + members[0]} gives {out.shape[1]} features but "
-                                 f"earlier items {feats.shape[1]} (bag of channels with different channel counts?)")
+                raise ValueError(f"{describe_item(dataset, start + pos + members[0], where)} gives {out.shape[1]} "
+                                 f"features but earlier items {feats.shape[1]} (bag of channels with different "
+                                 "channel counts?)")
             feats[pos + torch.tensor(members)] = out
         pos += len(batch)
         if pbar is not None:

@@ -470,7 +470,8 @@ def evaluate_knn(model, train_dataset, val_dataset, *, test_dataset=None, nb_knn
     Few-shot: n_per_class_list entries > 0 evaluate on n_tries random class-balanced train subsets; the
     results are then "<dataset>_<k> Top 1" (mean over tries, key suffix "_n<n>") and "... std".
     """
-    from .features import extract_features, make_eval_dataset, share_label_space
+    from .features import (_patch_size, extract_features, make_eval_dataset, require_several_classes,
+                           share_label_space, warn_if_crop_pads)
     from .metrics import per_class_report
 
     metric_t = parse_metric_type(metric)
@@ -486,6 +487,10 @@ def evaluate_knn(model, train_dataset, val_dataset, *, test_dataset=None, nb_knn
         names.setdefault(split, getattr(ds, "name", split) if split != "train" else "train")
         built[split] = ds
     shared_names = share_label_space(built["train"], built["val"], built.get("test"))
+    train_where = "the train split" + ("" if names["train"] == "train" else f" {names['train']}")
+    require_several_classes(built["train"], train_where)
+    if isinstance(train_dataset, str) and _dist.is_main_process(group):
+        warn_if_crop_pads(built["train"], crop_size, resize_size, multiple_of=(_patch_size(model) or (1,))[0])
     class_names = shared_names if class_names is None else class_names
     feats = {}
     for split, ds in built.items():
@@ -495,6 +500,7 @@ def evaluate_knn(model, train_dataset, val_dataset, *, test_dataset=None, nb_knn
                                         autocast_dtype=autocast_dtype, cache_dir=sub_cache, progress=progress,
                                         group=group, desc=f"features {split}")
     train_f, train_y = feats["train"].features, labels_to_tensor(feats["train"].labels)
+    require_several_classes(train_y, train_where)
     num_classes = infer_num_classes(train_y)
     if metric_t.multilabel != (train_y.dim() == 2):
         raise ValueError(f"metric {metric_t} does not fit {'multi-hot' if train_y.dim() == 2 else 'class-index'} "

@@ -50,7 +50,8 @@ def main(args) -> int:
     from celldino.data.datasets import DatasetError
 
     from . import _dist
-    from .features import dataset_spec, extract_features, make_eval_dataset, share_label_space
+    from .features import (_patch_size, dataset_spec, extract_features, make_eval_dataset, require_several_classes,
+                           share_label_space, warn_if_crop_pads)
     from .knn import evaluate_knn, knn_leave_one_out
     from .linear import read_leave_one_out_groups
     from .metrics import format_report, parse_metric_type
@@ -68,9 +69,13 @@ def main(args) -> int:
         datasets = {k: make_eval_dataset(v, crop_size=args.crop_size, resize_size=args.resize_size)
                     for k, v in specs.items()}
         share_label_space(datasets["train"], datasets["val"], datasets.get("test"))
+        require_several_classes(datasets["train"], f"--train-dataset {args.train_dataset}")
     except (DatasetError, FileNotFoundError, ValueError) as exc:
         print(f"celldino eval knn: {exc}", file=sys.stderr)
         return 1
+    if is_main:
+        warn_if_crop_pads(datasets["train"], args.crop_size, args.resize_size,
+                          multiple_of=(_patch_size(model) or (1,))[0])
     names = {"train": args.train_dataset, "val": args.val_dataset, "test": args.test_dataset}
     os.makedirs(args.output_dir, exist_ok=True)
     results_path = os.path.join(args.output_dir, "results_eval_knn.json")

@@ -234,8 +234,8 @@ def train_linear_heads(heads: LinearHeadGrid, batches: Callable[[int], Iterator[
             opt.step(cosine_lr_factor(it, max_iter))
             if pbar is not None:
                 pbar.update(1)
-                if it % 10 == 0:
-                    pbar.set_postfix(loss=f"{loss.item():.4f}")
+                if it % 10 == 0:  # the loss minimised: every head's mean loss, summed (as the reference)
+                    pbar.set_postfix({f"loss(sum of {heads.num_heads} heads)": f"{loss.item():.4f}"})
             if checkpoint_period and (it + 1) % checkpoint_period == 0 and it + 1 < max_iter:
                 save(it + 1)
             if eval_period and on_eval is not None and (it + 1) % eval_period == 0 and it + 1 < max_iter:
@@ -292,8 +292,11 @@ def linear_probe_on_features(train_features, train_labels, val_features, val_lab
 
     Returns {"best_classifier": name, "val": best val metric (fraction), "val_metrics": {head: value},
     "test": {name: value}, "heads": the trained LinearHeadGrid, "num_classes": C}."""
+    from .features import require_several_classes
+
     train_labels = labels_to_tensor(train_labels)
     val_labels = labels_to_tensor(val_labels)
+    require_several_classes(train_labels)
     multilabel = train_labels.dim() == 2
     loss_type = loss_type or ("binary_cross_entropy" if multilabel else "cross_entropy")
     metric = parse_metric_type(metric or ("multilabel_f1" if multilabel else "multiclass_f1"))
@@ -475,7 +478,8 @@ def evaluate_linear(model, train_dataset, val_dataset, *, test_datasets=None, mo
     otherwise). Returns the reference-named results {"<val>_accuracy": x100, "best_classifier": name,
     "<test>_accuracy": x100, ...} plus "note" when val = test; with output_dir also appends them to
     results_eval_linear.json (JSON lines)."""
-    from .features import extract_features, make_eval_dataset, resolve_device, share_label_space
+    from .features import (_patch_size, extract_features, make_eval_dataset, require_several_classes,
+                           resolve_device, share_label_space, warn_if_crop_pads)
 
     if mode not in ("augment", "features"):
         raise ValueError(f"mode {mode!r}: expected augment or features")
@@ -494,6 +498,10 @@ def evaluate_linear(model, train_dataset, val_dataset, *, test_datasets=None, mo
     val_ds = build(val_dataset, "val", augment=False)
     test_ds = [build(ds, f"test{i}", augment=False) for i, ds in enumerate(tests)]
     share_label_space(train_eval, val_ds, *test_ds)
+    require_several_classes(train_eval, "the train split" + ("" if names["train"] == "train" else
+                                                             f" {names['train']}"))
+    if isinstance(train_dataset, str) and _dist.is_main_process(group):
+        warn_if_crop_pads(train_eval, crop_size, resize_size, multiple_of=(_patch_size(model) or (1,))[0])
     results_path = os.path.join(output_dir, "results_eval_linear.json") if output_dir else None
     if output_dir:
         os.makedirs(output_dir, exist_ok=True)
@@ -543,10 +551,9 @@ def evaluate_linear(model, train_dataset, val_dataset, *, test_datasets=None, mo
     results = {f"{names['val']}_accuracy": 100.0 * out["val"], "best_classifier": out["best_classifier"]}
     for name, value in out["test"].items():
         results[f"{name}_accuracy"] = 100.0 * value
-    if not out["test"]:
+    if not out["test"]:  # said once: the CLI prints it with the results
         results["note"] = ("no test dataset: the reported score is on the validation set that also chose the best "
                            "head (as the reference does)")
-        logger.warning("linear: %s", results["note"])
     _append_jsonl(results_path, {"iter": epochs * epoch_length}, group)
     _append_jsonl(results_path, {"best_classifier": {"name": out["best_classifier"], "accuracy": out["val"]}}, group)
     for k, v in results.items():

@@ -53,6 +53,23 @@ def add_arguments(parser):
     add_model_arguments(parser, crop_default=384, batch_default=64)
 
 
+def format_results(results: dict) -> str:
+    """The console summary: the result keys keep the reference's names ("<dataset>_accuracy" whatever the metric),
+    so every score line says which metric the number is."""
+    metric = results.get("metric")
+    unit = f"{metric} x 100" if metric else None
+    lines = [f"linear probe (best head chosen on val by {metric}):" if metric else "linear probe:"]
+    for k, v in results.items():
+        if k in ("val_metrics", "head_f1", "metric"):
+            continue
+        if isinstance(v, float):
+            is_score = unit and (k.endswith("_accuracy") or k.endswith("_logistic_regression"))
+            lines.append(f"  {k}: {v:.2f}" + (f"  ({unit})" if is_score else ""))
+        else:
+            lines.append(f"  {k}: {v}")
+    return "\n".join(lines)
+
+
 def main(args) -> int:
     from celldino.data.datasets import DatasetError
 
@@ -85,11 +102,7 @@ def main(args) -> int:
         print(f"celldino eval linear: {exc}", file=sys.stderr)
         return 1
     if is_main:
-        print("linear probe:")
-        for k, v in results.items():
-            if k in ("val_metrics", "head_f1"):
-                continue
-            print(f"  {k}: {v:.2f}" if isinstance(v, float) else f"  {k}: {v}")
+        print(format_results(results))
         print(f"results appended to {os.path.join(args.output_dir, 'results_eval_linear.json')}")
     _dist.barrier()
     return 0

@@ -151,3 +151,100 @@ def test_eval_linear_cli(tmp_path, checkpoint, subset_csv, with_test):
         assert f"{TRAIN}_accuracy" in got and "note" not in got
     else:
         assert "validation set" in got["note"]
+
+
+# ---- user-flow fixes: each failed before its change ----------------------------------------------------------------
+
+def _first_val_path(csv_path):
+    df = pd.read_csv(csv_path)
+    return df[df["split"] == "val"]["file"].iloc[0]
+
+
+def test_a_non_standard_width_pth_loads_with_num_heads(tmp_path, subset_csv, capsys):
+    """The hub .pth of a custom-width model does not record num_heads: embed / eval take --num-heads."""
+    _, _, VAL = subset_csv
+    model = tiny_vit(in_chans=1, seed=5, embed_dim=48, depth=2, num_heads=3)
+    pth = export_backbone(model, str(tmp_path), "custom")["pth"]
+    out = tmp_path / "e.npy"
+    args = ["embed", "--checkpoint", pth, "--input", VAL, "--output", str(out), "--crop-size", "32",
+            "--num-workers", "0", "--no-progress"]
+    assert celldino(args) == 1
+    err = capsys.readouterr().err
+    assert "--num-heads N" in err and ".safetensors" in err
+    assert celldino(args + ["--num-heads", "3"]) == 0
+    expected, _ = _direct_features(model, VAL)
+    np.testing.assert_allclose(np.load(out), expected.numpy(), atol=1e-5, rtol=1e-5)
+    from celldino.cli import build_parser
+    for cmd in (["eval", "knn"], ["eval", "linear"]):
+        parsed = build_parser().parse_args(cmd + ["--checkpoint", pth, "--train-dataset", "a", "--val-dataset", "b",
+                                                  "--output-dir", "o", "--num-heads", "3"])
+        assert parsed.num_heads == 3
+
+
+def test_embed_a_single_image_file(tmp_path, checkpoint, subset_csv, capsys):
+    ckpt, model = checkpoint
+    csv_path, _, _ = subset_csv
+    image = _first_val_path(csv_path)
+    out = tmp_path / "one.npy"
+    assert celldino(["embed", "--checkpoint", ckpt, "--input", image, "--output", str(out), "--crop-size", "32",
+                     "--num-workers", "0", "--no-progress"]) == 0
+    import tifffile
+    x = make_classification_eval_cell_transform(crop_size=32)(torch.from_numpy(tifffile.imread(image)))
+    with torch.no_grad():
+        expected = model(x[None])
+    np.testing.assert_allclose(np.load(out), expected.numpy(), atol=1e-5, rtol=1e-5)
+    side = pd.read_csv(tmp_path / "one.csv")
+    assert side["id"].tolist() == [os.path.basename(image)] and "label" not in side.columns  # unlabelled
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image")
+    assert celldino(["embed", "--checkpoint", ckpt, "--input", str(notes), "--output", str(out),
+                     "--no-progress"]) == 1
+    assert "neither a .csv nor an image" in capsys.readouterr().err
+
+
+def test_errors_name_the_file_and_the_crop_option(tmp_path, checkpoint, subset_csv, capsys):
+    ckpt, _ = checkpoint
+    csv_path, _, VAL = subset_csv
+    first = _first_val_path(csv_path)
+    # 64 x 64 crops resized to 60 x 60: not a multiple of the patch size 8
+    assert celldino(["embed", "--checkpoint", ckpt, "--input", VAL, "--output", str(tmp_path / "x.npy"),
+                     "--resize-size", "60", "--num-workers", "0", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert f"CSV item 0 ({first}): image size 60x60 is not a multiple of the model's patch size 8" in err
+    assert "--crop-size 56" in err and "--resize-size" in err
+    two_channel = export_backbone(tiny_vit(in_chans=2), str(tmp_path), "two")["safetensors"]
+    assert celldino(["embed", "--checkpoint", two_channel, "--input", VAL, "--output", str(tmp_path / "x.npy"),
+                     "--crop-size", "32", "--num-workers", "0", "--no-progress"]) == 1
+    assert f"CSV item 0 ({first}): the image has 1 channels" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["knn", "linear"])
+def test_eval_refuses_a_train_split_with_one_class(tmp_path, checkpoint, command, capsys):
+    """A folder without class sub-folders labels every image 0: kNN / linear F1 would be a meaningless 100."""
+    ckpt, _ = checkpoint
+    folder = os.path.join(REPO, "data", "sample", "stain_task", "val", "dna")
+    assert celldino(["eval", command, "--checkpoint", ckpt, "--train-dataset", folder, "--val-dataset", folder,
+                     "--output-dir", str(tmp_path), "--crop-size", "32", "--num-workers", "0", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert f"{folder} has a single class (label 0 for all 100 images)" in err and "class sub-folders" in err
+    assert not (tmp_path / f"results_eval_{command}.json").exists()
+
+
+def test_linear_cli_warns_about_padding_once_and_says_what_the_numbers_are(tmp_path, checkpoint, subset_csv,
+                                                                           capsys, caplog):
+    ckpt, _ = checkpoint
+    _, TRAIN, VAL = subset_csv
+    args = ["eval", "linear", "--checkpoint", ckpt, "--train-dataset", TRAIN, "--val-dataset", VAL,
+            "--output-dir", str(tmp_path), "--mode", "features", "--epochs", "1", "--epoch-length", "2",
+            "--learning-rates", "0.01", "--weight-decays", "0", "--n-last-blocks", "1",
+            "--crop-size", "72", "--num-workers", "0", "--batch-size", "32", "--no-progress"]
+    with caplog.at_level("WARNING", logger="celldino"):
+        assert celldino(args) == 0
+    out = capsys.readouterr().out
+    logs = caplog.text
+    padding = [r.getMessage() for r in caplog.records if "smaller than the crop size" in r.getMessage()]
+    assert len(padding) == 1 and "is 64x64" in padding[0] and "--crop-size 0" in padding[0]
+    assert "--crop-size 64" in padding[0]
+    assert (out + logs).count("no test dataset") == 1
+    assert "best head chosen on val by mean_per_class_multiclass_f1" in out
+    assert f"{VAL}_accuracy: " in out and "(mean_per_class_multiclass_f1 x 100)" in out

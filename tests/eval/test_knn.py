@@ -234,6 +234,9 @@ def test_evaluate_knn_on_an_in_memory_model():
     assert {"V_1 Top 1", "V_5 Top 1", "T_1 Top 1", "V_1_n2 Top 1", "V_1_n2 Top 1 std", "T_5_n2 Top 1"} <= set(r)
     assert r["V_5 Top 1"] == 100.0 and r["T_5 Top 1"] == 100.0
     assert len(out["report"]["val"]) == 3 and out["report"]["val"][0]["support"] == 4
+    one_class = TensorItems([torch.randn(2, 32, 32) for _ in range(6)], [0] * 6)  # scored 100 before: refused
+    with pytest.raises(ValueError, match="the train split has a single class .label 0 for all 6 images"):
+        evaluate_knn(model, one_class, items(12, 2), nb_knn=[1], progress=False)
 
 
 def test_splits_built_alone_share_the_train_label_space(tmp_path):

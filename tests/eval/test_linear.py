@@ -148,3 +148,43 @@ def test_evaluate_linear_end_to_end(tmp_path, tiny_model, mode):
     assert (tmp_path / "linear_heads_checkpoint.pth").exists()
     if mode == "features":
         assert "VAL_logistic_regression" in out
+
+
+def test_progress_bar_says_the_loss_is_summed_over_the_heads(capsys):
+    torch.manual_seed(0)
+    heads = LinearHeadGrid(4, 3, [0.01, 0.1], [0.0])
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+
+    def batches(start):
+        while True:
+            yield x, y
+    train_linear_heads(heads, batches, max_iter=3, progress=True)
+    err = capsys.readouterr().err
+    assert "loss(sum of 2 heads)=" in err
+    from celldino.eval.linear import _loss
+    with torch.no_grad():  # the number shown: each head's mean CE, summed
+        per_head = [nn.functional.cross_entropy(heads(x)[h], y) for h in range(2)]
+        assert _loss(heads(x), y, "cross_entropy").item() == pytest.approx(sum(per_head).item(), rel=1e-6)
+
+
+def test_one_class_train_labels_are_refused():
+    f = torch.randn(10, 4)
+    with pytest.raises(ValueError, match="single class"):
+        linear_probe_on_features(f, torch.zeros(10, dtype=torch.long), f, torch.arange(10) % 2, epochs=1,
+                                 epoch_length=1, progress=False)
+    with pytest.raises(ValueError, match="no image has any of its 3 multi-hot labels"):
+        linear_probe_on_features(f, torch.zeros(10, 3, dtype=torch.long), f, torch.zeros(10, 3, dtype=torch.long),
+                                 epochs=1, epoch_length=1, progress=False)
+
+
+def test_console_summary_names_the_metric():
+    from celldino.eval.linear_cli import format_results
+    text = format_results({"val_set_accuracy": 71.25, "best_classifier": "classifier_x", "test_set_accuracy": 60.0,
+                           "val_set_logistic_regression": 65.0, "metric": "mean_per_class_multilabel_f1",
+                           "val_metrics": {"classifier_x": 0.7125}})
+    lines = text.splitlines()
+    assert lines[0] == "linear probe (best head chosen on val by mean_per_class_multilabel_f1):"
+    assert "  val_set_accuracy: 71.25  (mean_per_class_multilabel_f1 x 100)" in lines
+    assert "  test_set_accuracy: 60.00  (mean_per_class_multilabel_f1 x 100)" in lines
+    assert "  val_set_logistic_regression: 65.00  (mean_per_class_multilabel_f1 x 100)" in lines
+    assert "  best_classifier: classifier_x" in lines and "val_metrics" not in text
