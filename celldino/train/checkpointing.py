@@ -25,6 +25,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 
 from celldino.files import atomic_torch_save
@@ -35,6 +36,10 @@ logger = logging.getLogger("celldino")
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^iter_(\d+)$")
+
+
+class NoUsableCheckpointError(RuntimeError):
+    """Checkpoints exist but none of them loads."""
 
 
 class TrainState(Stateful):
@@ -141,12 +146,21 @@ def save_checkpoint(output_dir, iteration, state, keep=3, extra_meta=None):
 
 
 def clean_partial_saves(output_dir):
+    """Remove what an interrupted save left behind. A save of an iteration that already existed moves the old copy
+    to .old-iter_X before renaming the new one in: a kill between the two renames leaves .old-iter_X as the only
+    complete copy under that name, so it is put back instead of removed."""
     root = checkpoint_root(output_dir)
     if distributed.is_main_process() and root.is_dir():
-        for path in root.iterdir():
-            if path.name.startswith((".tmp-", ".old-")):
+        for path in sorted(root.iterdir()):
+            if path.name.startswith(".old-") and not (root / path.name[len(".old-"):]).exists():
+                logger.warning("restoring %s, moved aside by an interrupted save", path.name[len(".old-"):])
+                os.replace(path, root / path.name[len(".old-"):])
+            elif path.name.startswith((".tmp-", ".old-")):
                 logger.warning("removing an interrupted checkpoint save: %s", path)
                 shutil.rmtree(path, ignore_errors=True)
+        for path in root.iterdir():
+            if _NAME.match(path.name) and not ((path / "meta.json").is_file() and (path / ".metadata").is_file()):
+                logger.error("ignoring incomplete checkpoint %s (no meta.json or .metadata)", path)
     distributed.barrier()
 
 
@@ -159,19 +173,27 @@ def load_latest(output_dir, state):
     candidates = distributed.broadcast_object(candidates)
     for path in reversed(candidates):
         try:
+            with open(Path(path) / "meta.json") as f:
+                meta = json.load(f)
+            iteration = int(meta["iteration"])
             with _single_process_quiet():
                 dcp.load({"train": state}, checkpoint_id=path, no_dist=not distributed.is_initialized())
-        except Exception as exc:  # noqa: BLE001 - fall back to an older checkpoint, loudly
-            logger.error("cannot load checkpoint %s (%s: %s); trying an older one", path, type(exc).__name__, exc)
+        except (Exception, CheckpointException) as exc:  # noqa: BLE001 - DCP's error is a BaseException
+            logger.error("cannot load checkpoint %s (%s: %s); trying an older one", path, type(exc).__name__,
+                         _first_line(exc))
             continue
-        with open(Path(path) / "meta.json") as f:
-            meta = json.load(f)
         logger.info("resumed from %s (iteration %d, saved by %d ranks)", path, meta["iteration"],
                     meta.get("world_size", 1))
-        return int(meta["iteration"]), Path(path)
+        return iteration, Path(path)
     if candidates:
-        raise RuntimeError(f"none of the checkpoints under {checkpoint_root(output_dir)} could be loaded")
+        raise NoUsableCheckpointError(f"none of the checkpoints under {checkpoint_root(output_dir)} could be loaded "
+                                      "(see logs/log.txt): move them aside, or start over with --no-resume")
     return None, None
+
+
+def _first_line(exc):
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else ""
 
 
 # ---- teacher export ------------------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ def _requeue_slurm_job():
 def main(args):
     from celldino.config import ConfigError, load_config
 
+    from .checkpointing import NoUsableCheckpointError
     from .trainer import TrainingDivergedError, run_training
     from celldino.data.loaders import worker_error_message
     try:
@@ -52,7 +53,7 @@ def main(args):
         return 2
     try:
         summary = run_training(cfg, args.output_dir, resume=not args.no_resume)
-    except TrainingDivergedError as exc:
+    except (TrainingDivergedError, NoUsableCheckpointError) as exc:
         print(f"celldino train: {exc}", file=sys.stderr)
         return 1
     except ValueError as exc:  # bad settings or input found while building or running the run
