@@ -170,9 +170,16 @@ class EpochSampler(Sampler):
 def seed_worker(worker_id: int) -> None:
     """worker_init_fn: seed numpy's and Python's global RNGs from this worker's torch seed (distinct per
     worker, derived from the loader's seeded generator), and keep intra-op threads and TIFF decode threads at 1
-    in workers (the workers are the parallelism)."""
+    in workers (the workers are the parallelism). Workers ignore SIGTERM / SIGUSR1 / SIGUSR2: a scheduler signals
+    the whole process group on preemption, and the training process must outlive its workers to checkpoint
+    (a worker killed first ends the run with "DataLoader worker is killed"); the loader stops them itself."""
+    import signal
+
     from .io import set_decode_threads
 
+    for name in ("SIGTERM", "SIGUSR1", "SIGUSR2"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)

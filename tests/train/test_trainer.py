@@ -172,6 +172,36 @@ def test_cli_errors_name_the_bad_key(tmp_path, capsys):
     assert "KoLeo needs at least 2 images per rank" in capsys.readouterr().err
 
 
+def test_sigterm_to_the_whole_process_group_with_workers_still_checkpoints(tmp_path):
+    """SLURM preemption signals every process of the job: DataLoader workers must not die first (the run would
+    end with "DataLoader worker is killed" and no checkpoint); the training process saves, then exits 0."""
+    import subprocess
+    import sys
+    import time
+
+    from train_helpers import TINY
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "celldino", "train", "--output-dir", str(out), *TINY, "train.num_workers=2",
+           "optim.epochs=100", "train.log_period=1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "training_metrics.json").is_file():  # the workers have delivered batches
+            if proc.poll() is not None or time.time() > deadline:
+                pytest.fail(f"training did not start: {proc.stderr.read()[-3000:]}")
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, err[-3000:]
+    assert "killed by signal" not in err
+    assert [p for p in _files(out / "checkpoints") if p.startswith("iter_")]
+    assert (out / "logs" / "log.txt").read_text().count("received SIGTERM") == 1
+
+
 def test_cli_names_the_bad_dataset_file_or_key_before_building_anything(tmp_path, capsys):
     """Bad input meets the user as one line naming the file or the key, never a worker's traceback: a corrupt
     TIFF read in a DataLoader worker, a channel count that does not match the model, an unknown dataset."""
