@@ -145,6 +145,24 @@ def save_checkpoint(output_dir, iteration, state, keep=3, extra_meta=None):
     return final
 
 
+def set_aside_checkpoints(output_dir):
+    """Starting over in a directory that holds checkpoints (--no-resume): rename checkpoints/ to
+    checkpoints.replaced-<time>/ so the new run's checkpoints are not pruned against the old ones (keep-last-N would
+    delete the new, lower-numbered ones first) nor resumed from later. Returns the new name, or None. Main process
+    only; nothing is deleted."""
+    root = checkpoint_root(output_dir)
+    if not list_checkpoints(output_dir):
+        return None
+    aside = root.with_name(f"{CHECKPOINT_DIR}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    suffix = 1
+    while aside.exists():
+        aside = root.with_name(f"{CHECKPOINT_DIR}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{suffix}")
+        suffix += 1
+    os.replace(root, aside)
+    logger.warning("starting over (no resume): the previous run's checkpoints were moved to %s", aside)
+    return aside
+
+
 def clean_partial_saves(output_dir):
     """Remove what an interrupted save left behind. A save of an iteration that already existed moves the old copy
     to .old-iter_X before renaming the new one in: a kill between the two renames leaves .old-iter_X as the only

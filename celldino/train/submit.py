@@ -72,8 +72,7 @@ def _train_argv(args):
     if args.config_file:
         config = Path(args.config_file)
         argv += ["--config-file", str(config.resolve()) if config.is_file() else args.config_file]
-    if args.no_resume:
-        argv.append("--no-resume")
+    # no --no-resume here: a requeued job must resume this run; main() sets the old checkpoints aside instead
     return argv + list(args.opts)
 
 
@@ -109,6 +108,11 @@ def main(args):
         print(f"celldino submit: {exc}", file=sys.stderr)
         return 2
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    if args.no_resume:  # start over once, now; every requeue of the job then resumes the new run
+        from .checkpointing import set_aside_checkpoints
+        aside = set_aside_checkpoints(args.output_dir)
+        if aside is not None:
+            print(f"celldino submit: starting over; the previous checkpoints are now in {aside}")
     executor = build_executor(args)
     job = executor.submit(TrainJob(_train_argv(args), requeue=not args.no_requeue))
     print(f"celldino submit: job {job.job_id} ({args.nodes} node(s) x {args.gpus_per_node} GPU(s)); "

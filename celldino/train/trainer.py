@@ -31,7 +31,8 @@ from omegaconf import OmegaConf
 from celldino.config import apply_scaling_rules_to_cfg, config_differences, save_config
 
 from . import distributed
-from .checkpointing import TrainState, clean_partial_saves, export_teacher, load_latest, save_checkpoint
+from .checkpointing import (TrainState, clean_partial_saves, export_teacher, load_latest, save_checkpoint,
+                            set_aside_checkpoints)
 from .data import augment_on_device, augmentation_mode, build_train_loader, derive_seed, open_train_dataset
 from .metrics import MetricsWriter, Progress, SmoothedValue, peak_memory_mb, peak_tflops, ssl_step_flops
 from .optim import apply_optim_scheduler, build_optimizer
@@ -195,7 +196,11 @@ class Trainer:
         self.eval_period = int(cfg.evaluation.eval_period_iterations)
         self.state = TrainState(self.model, self.optimizer, self.scaler)
 
-        clean_partial_saves(self.output_dir)
+        if not resume and self.is_main:
+            aside = set_aside_checkpoints(self.output_dir)
+            if aside is not None:
+                print(f"celldino train: starting over; the previous checkpoints are now in {aside}", flush=True)
+        clean_partial_saves(self.output_dir)  # a barrier: every rank sees the same checkpoints/ after it
         self.start_iter = 0
         self.last_checkpoint = None
         if resume:

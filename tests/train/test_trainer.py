@@ -103,10 +103,20 @@ def test_stop_after_iters_and_resume_reproduce_the_uninterrupted_run(tmp_path):
 
 
 def test_no_resume_starts_over(tmp_path):
-    cfg = tiny_cfg("optim.epochs=1", "train.OFFICIAL_EPOCH_LENGTH=2")
-    run_training(cfg, tmp_path)
-    again = run_training(cfg, tmp_path, resume=False)
-    assert again["start_iteration"] == 0 and again["iterations_run"] == 2
+    """The previous run's checkpoints are set aside, not mixed with the new ones: keep-last-N used to prune the new,
+    lower-numbered checkpoint at once, and the next plain rerun then 'resumed' the old, finished run."""
+    first = run_training(tiny_cfg("optim.epochs=3", "train.OFFICIAL_EPOCH_LENGTH=4", "train.checkpoint_period=4"),
+                         tmp_path)
+    assert first["end_iteration"] == 12
+    cfg = tiny_cfg("optim.epochs=1", "train.OFFICIAL_EPOCH_LENGTH=4", "train.checkpoint_period=2")
+    again = run_training(tiny_cfg("optim.epochs=1", "train.OFFICIAL_EPOCH_LENGTH=4", "train.checkpoint_period=2",
+                                  "train.stop_after_iters=2"), tmp_path, resume=False)
+    assert again["start_iteration"] == 0 and again["checkpoint"].endswith("iter_00000001")
+    assert _files(tmp_path / "checkpoints") == ["iter_00000001"]
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("checkpoints.replaced-")]
+    assert len(aside) == 1 and _files(aside[0]) == ["iter_00000003", "iter_00000007", "iter_00000011"]
+    resumed = run_training(cfg, tmp_path)  # the new run goes on, from its own checkpoint
+    assert resumed["start_iteration"] == 2 and resumed["end_iteration"] == 4
 
 
 def _inject(monkeypatch, iteration, action):
@@ -272,6 +282,13 @@ def test_submit_runs_the_trainer_through_submitit(tmp_path, monkeypatch, capsys)
     assert submit.main(args) == 0
     assert "finished at iteration 2 of 2" in capsys.readouterr().out
     assert (tmp_path / "checkpoints" / "iter_00000001").is_dir() and (tmp_path / "submitit").is_dir()
+    # --no-resume starts over once, at submission: the job itself (and so every requeue of it) resumes
+    again = parser.parse_args(["--cluster", "debug", "--config-file", "demo", "--output-dir", str(tmp_path),
+                               "--no-resume"] + TINY + ["optim.epochs=1", "train.OFFICIAL_EPOCH_LENGTH=2"])
+    assert "--no-resume" not in submit._train_argv(again)
+    assert submit.main(again) == 0
+    out = capsys.readouterr().out
+    assert "starting over; the previous checkpoints are now in" in out and "finished at iteration 2 of 2" in out
 
     import submitit.slurm.slurm as slurm_module
     monkeypatch.setattr(slurm_module.SlurmExecutor, "affinity", classmethod(lambda cls: 1))  # no srun here
