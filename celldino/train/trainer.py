@@ -232,10 +232,14 @@ class Trainer:
             self.scaler.scale(loss).backward()
         else:
             loss.backward()
+        self.grad_norm = None
         if self.cfg.optim.clip_grad:
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
-            self.model.clip_gradients(self.cfg.optim.clip_grad)
+            norms = self.model.clip_gradients(self.cfg.optim.clip_grad)
+            norms = [n.float() for n in norms.values() if n is not None]
+            if self.scaler is None and norms:  # (the grad scaler skips non-finite steps by itself)
+                self.grad_norm = torch.stack(norms).sum()
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -284,11 +288,13 @@ class Trainer:
         rows = (buffer[:-1].view_as(values) / self.world_size).tolist()
         out = []
         for (iteration, _, info), row in zip(pending, rows):
-            if not all(math.isfinite(v) for v in row):
-                terms = dict(zip(self.loss_keys, row))
+            row, grad_norm = row[:-1], row[-1]
+            if not all(math.isfinite(v) for v in row) or not math.isfinite(grad_norm):
+                terms = dict(zip(self.loss_keys, row), gradient_norm=grad_norm)
                 good = f"{self.last_checkpoint}" if self.last_checkpoint else "none (no checkpoint was written yet)"
                 raise TrainingDivergedError(
-                    f"non-finite loss at iteration {iteration}: {terms} (averaged over {self.world_size} ranks); "
+                    f"non-finite loss or gradient at iteration {iteration}: {terms} (averaged over {self.world_size} "
+                    "ranks); "
                     f"training stopped on every rank before saving anything. Last good checkpoint: {good}. "
                     "Resuming will run into the same data; consider a lower optim.base_lr, a larger "
                     "train.batch_size_per_gpu or optim.adamw_beta2=0.99 (see docs/train.md).")
@@ -381,7 +387,10 @@ class Trainer:
                         "last_layer_lr": self.last_layer_lr_schedule[iteration],
                         "current_batch_size": float(batch_size), "step_flops": float(flops),
                         "step_tokens": float(tokens)}
-                pending.append((iteration, terms, info))
+                # the gradient norm rides along with the losses to the finiteness check: an inf gradient under a
+                # finite loss would otherwise put NaN weights into the next checkpoint
+                health = self.grad_norm if self.grad_norm is not None else terms.new_zeros(())
+                pending.append((iteration, torch.cat([terms, health.reshape(1).to(terms.dtype)]), info))
                 now = time.perf_counter()
                 meters["iter_time"].update(now - tick)
                 meters["data_time"].update(data_time)

@@ -139,7 +139,7 @@ def test_an_inf_loss_on_one_rank_stops_every_rank(tmp_path):
     results = _run_ranks(tmp_path, 2, {"overrides": overrides, "output_dir": str(out), "nan_rank": 1,
                                        "nan_iteration": 2})
     for result in results:  # rank 0's own loss was finite: it stops because the reduced loss is not
-        assert result["stopped"].startswith("diverged: non-finite loss at iteration 2"), result["stopped"]
+        assert result["stopped"].startswith("diverged: non-finite loss or gradient at iteration 2"), result["stopped"]
         assert "iter_00000001" in result["stopped"]
     # the checkpoint due after iteration 3 was never written; the one after iteration 1 is intact
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["iter_00000001"]

@@ -136,7 +136,7 @@ def test_nan_loss_stops_with_the_last_good_checkpoint_intact(tmp_path, monkeypat
         return total * float("nan"), terms
     _inject(monkeypatch, 3, poison)
     cfg = tiny_cfg("train.checkpoint_period=2", "evaluation.eval_period_iterations=2", "train.log_period=4")
-    with pytest.raises(TrainingDivergedError, match=r"non-finite loss at iteration 3.*iter_00000001"):
+    with pytest.raises(TrainingDivergedError, match=r"non-finite loss or gradient at iteration 3.*iter_00000001"):
         run_training(cfg, tmp_path)
     # iteration 3 would have been a checkpoint and an export: neither was written
     assert _files(tmp_path / "checkpoints") == ["iter_00000001"]
@@ -144,6 +144,22 @@ def test_nan_loss_stops_with_the_last_good_checkpoint_intact(tmp_path, monkeypat
     monkeypatch.undo()
     resumed = run_training(cfg, tmp_path)
     assert resumed["start_iteration"] == 2 and resumed["stopped"] == "finished"
+
+
+def test_an_inf_gradient_under_a_finite_loss_stops_before_a_checkpoint_holds_nan_weights(tmp_path, monkeypatch):
+    original = SSLMetaArch.clip_gradients
+    calls = []
+
+    def clip_gradients(self, max_norm):
+        calls.append(1)
+        if len(calls) == 4:  # iteration 3 (the first step is iteration 0)
+            next(p for p in self.student.backbone.parameters() if p.grad is not None).grad.fill_(float("inf"))
+        return original(self, max_norm)
+    monkeypatch.setattr(SSLMetaArch, "clip_gradients", clip_gradients)
+    cfg = tiny_cfg("train.checkpoint_period=2", "evaluation.eval_period_iterations=2", "train.log_period=4")
+    with pytest.raises(TrainingDivergedError, match=r"at iteration 3: .*'gradient_norm': (inf|nan).*iter_00000001"):
+        run_training(cfg, tmp_path)
+    assert _files(tmp_path / "checkpoints") == ["iter_00000001"] and _files(tmp_path / "eval") == ["training_1"]
 
 
 def test_sigterm_checkpoints_then_stops(tmp_path, monkeypatch):
