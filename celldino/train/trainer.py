@@ -416,7 +416,7 @@ class Trainer:
                         if saved_at != iteration:
                             self.save(iteration)
                             saved_at = iteration
-                    if is_stop or signalled:
+                    if (is_stop or signalled) and iteration < self.max_iter - 1:  # (the last one: "finished")
                         summary["stopped"] = "stop_after_iters" if is_stop else "signal"
                         if signalled:
                             summary["signal"] = signal.Signals(self._signal).name if self._signal else "peer rank"

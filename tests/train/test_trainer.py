@@ -272,6 +272,10 @@ def test_cli_trains_and_resumes(tmp_path, capsys):
     assert _launch(*args) == 0
     out = capsys.readouterr()
     assert "finished at iteration 2 of 2" in out.out and "settings changed" not in out.err  # stop_after_iters only
+    # a stop that falls on the last iteration is the end of the run
+    other = ["--config-file", "demo", "--output-dir", str(tmp_path / "other")] + TINY + [
+        "optim.epochs=1", "train.OFFICIAL_EPOCH_LENGTH=2", "train.stop_after_iters=2"]
+    assert _launch(*other) == 0 and "finished at iteration 2 of 2" in capsys.readouterr().out
     # resuming with another schedule is allowed (as the reference) but said, on the console and in the log
     assert _launch(*args, "optim.epochs=2", "optim.base_lr=0.001") == 0
     err = capsys.readouterr().err
