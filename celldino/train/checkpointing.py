@@ -147,7 +147,7 @@ def save_checkpoint(output_dir, iteration, state, keep=3, extra_meta=None):
 
 def set_aside_checkpoints(output_dir):
     """Starting over in a directory that holds checkpoints (--no-resume): rename checkpoints/ to
-    checkpoints.replaced-<time>/ so the new run's checkpoints are not pruned against the old ones (keep-last-N would
+    checkpoints.replaced-<time>/ (training_metrics.json moves into it too) so the new run's checkpoints are not pruned against the old ones (keep-last-N would
     delete the new, lower-numbered ones first) nor resumed from later. Returns the new name, or None. Main process
     only; nothing is deleted."""
     root = checkpoint_root(output_dir)
@@ -159,7 +159,10 @@ def set_aside_checkpoints(output_dir):
         aside = root.with_name(f"{CHECKPOINT_DIR}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{suffix}")
         suffix += 1
     os.replace(root, aside)
-    logger.warning("starting over (no resume): the previous run's checkpoints were moved to %s", aside)
+    metrics = Path(output_dir) / "training_metrics.json"
+    if metrics.is_file():  # the previous run's metrics go with its checkpoints
+        os.replace(metrics, aside / metrics.name)
+    logger.warning("starting over (no resume): the previous run's checkpoints and metrics were moved to %s", aside)
     return aside
 
 

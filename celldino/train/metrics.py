@@ -11,6 +11,8 @@ from collections import deque
 import torch
 from torch import nn
 
+from celldino.files import atomic_write_text
+
 logger = logging.getLogger("celldino")
 
 # keys of the reference's training_metrics.json besides iteration / iter_time / data_time, in its order
@@ -134,6 +136,26 @@ class MetricsWriter:
                                         config=OmegaConf.to_container(cfg, resolve=True), resume="allow")
             except Exception as exc:
                 logger.warning("W&B logging requested (WANDB_* set) but unavailable: %s", exc)
+
+    def drop_from(self, iteration):
+        """Resuming at `iteration`: remove the lines a previous run wrote for it and later (they were logged after
+        its last checkpoint and are about to be computed again), so each iteration appears once. Atomic."""
+        if not self.enabled or not os.path.isfile(self.path):
+            return
+        with open(self.path) as f:
+            lines = f.readlines()
+        kept = []
+        for line in lines:
+            try:
+                if json.loads(line).get("iteration", -1) >= iteration:
+                    continue
+            except ValueError:  # a line cut by a kill: dropped too
+                continue
+            kept.append(line if line.endswith("\n") else line + "\n")
+        if len(kept) != len(lines):
+            atomic_write_text(self.path, "".join(kept))
+            logger.info("training_metrics.json: dropped %d line(s) from iteration %d on (resuming there)",
+                        len(lines) - len(kept), iteration)
 
     def write(self, record):
         if not self.enabled:

@@ -208,6 +208,7 @@ class Trainer:
             if last is not None:
                 self.start_iter, self.last_checkpoint = last + 1, path
         self.writer = MetricsWriter(self.output_dir, cfg, enabled=self.is_main)
+        self.writer.drop_from(self.start_iter)  # lines logged after the last checkpoint are computed again
         self._signal = None
         self._previous_handlers = {}
 

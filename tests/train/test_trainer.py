@@ -114,9 +114,12 @@ def test_no_resume_starts_over(tmp_path):
     assert again["start_iteration"] == 0 and again["checkpoint"].endswith("iter_00000001")
     assert _files(tmp_path / "checkpoints") == ["iter_00000001"]
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("checkpoints.replaced-")]
-    assert len(aside) == 1 and _files(aside[0]) == ["iter_00000003", "iter_00000007", "iter_00000011"]
+    assert len(aside) == 1 and _files(aside[0]) == ["iter_00000003", "iter_00000007", "iter_00000011",
+                                                    "training_metrics.json"]
     resumed = run_training(cfg, tmp_path)  # the new run goes on, from its own checkpoint
     assert resumed["start_iteration"] == 2 and resumed["end_iteration"] == 4
+    logged = [json.loads(line)["iteration"] for line in open(tmp_path / "training_metrics.json")]
+    assert logged == sorted(set(logged))  # each iteration once, the new run's only
 
 
 def _inject(monkeypatch, iteration, action):
@@ -366,3 +369,5 @@ def test_kill_during_a_save_leaves_the_previous_checkpoint_usable(tmp_path):
     resumed = run_training(tiny_cfg("train.checkpoint_period=2"), out)
     assert resumed["start_iteration"] == 2 and resumed["stopped"] == "finished"
     assert not partial.exists()  # the interrupted save was cleaned up
+    logged = [json.loads(line)["iteration"] for line in open(out / "training_metrics.json")]
+    assert logged == sorted(set(logged))  # lines logged after the last checkpoint were not written twice
