@@ -73,7 +73,9 @@ def embed_dataset(model, dataset, output: str, *, umap_png: Optional[str] = None
         raise EmbedError(f"output {output}: expected a .npy or .h5ad file name")
     use_labels, class_names = _label_info(dataset)
     metadata = dataset_metadata(dataset)
-    columns = list(metadata.columns) + (["label", "label_name"] if use_labels else [])
+    # label_name only when the labels have names (folder classes, text labels), not for integer labels
+    columns = list(metadata.columns) + (["label"] + (["label_name"] if class_names is not None else [])
+                                        if use_labels else [])
     if color is not None and color not in columns:
         raise EmbedError(f"colour column {color!r} is not in the metadata (columns: {', '.join(columns)})")
     feats = extract_features(model, dataset, kind="cls", n_last_blocks=n_last_blocks, avgpool=avgpool,
