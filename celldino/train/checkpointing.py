@@ -219,7 +219,8 @@ def _first_line(exc):
 
 # ---- teacher export ------------------------------------------------------------------------------------------------
 
-def _backbone_metadata(backbone, cfg):
+def backbone_metadata(backbone, cfg):
+    """The settings that rebuild `backbone` (safetensors export metadata; meta.json of every checkpoint)."""
     from celldino.models import ARCHS
     config = dict(backbone.config)
     arch = next((name for name, dims in ARCHS.items() if all(config[k] == v for k, v in dims.items())), None)
@@ -239,6 +240,6 @@ def export_teacher(model, cfg, output_dir, tag):
     path = atomic_torch_save({"teacher": state}, out / "teacher_checkpoint.pth")
     backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     save_safetensors(backbone, out / "teacher_backbone.safetensors",
-                     metadata=_backbone_metadata(model.teacher.backbone, cfg))
+                     metadata=backbone_metadata(model.teacher.backbone, cfg))
     logger.info("teacher exported: %s", path)
     return path

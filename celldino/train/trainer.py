@@ -31,8 +31,8 @@ from omegaconf import OmegaConf
 from celldino.config import apply_scaling_rules_to_cfg, config_differences, save_config
 
 from . import distributed
-from .checkpointing import (TrainState, clean_partial_saves, export_teacher, load_latest, save_checkpoint,
-                            set_aside_checkpoints)
+from .checkpointing import (TrainState, backbone_metadata, clean_partial_saves, export_teacher, load_latest,
+                            save_checkpoint, set_aside_checkpoints)
 from .data import augment_on_device, augmentation_mode, build_train_loader, derive_seed, open_train_dataset
 from .metrics import MetricsWriter, Progress, SmoothedValue, peak_memory_mb, peak_tflops, ssl_step_flops
 from .optim import apply_optim_scheduler, build_optimizer
@@ -329,8 +329,10 @@ class Trainer:
     # ---- checkpoints / exports -------------------------------------------------------------------------------------
 
     def save(self, iteration):
-        path = save_checkpoint(self.output_dir, iteration, self.state, keep=self.keep,
-                               extra_meta={"max_iter": self.max_iter})
+        # the teacher backbone's settings travel with the checkpoint, so `celldino export` can rebuild it from here
+        meta = {"max_iter": self.max_iter,
+                "teacher_backbone": backbone_metadata(self.model.teacher.backbone, self.cfg)}
+        path = save_checkpoint(self.output_dir, iteration, self.state, keep=self.keep, extra_meta=meta)
         self.last_checkpoint = path
         return path
 
