@@ -119,7 +119,8 @@ def embed_dataset(model, dataset, output: str, *, umap_png: Optional[str] = None
 def main(args) -> int:
     from celldino.data.datasets import DatasetError
 
-    from .features import _patch_size, build_input_dataset, make_eval_transform, warn_if_crop_pads
+    from .features import patch_size_of
+    from .inputs import build_input_dataset, make_eval_transform, warn_if_crop_pads
 
     setup(args)
     if args.n_last_blocks < 1:
@@ -137,7 +138,7 @@ def main(args) -> int:
         print(f"celldino embed: --input {args.input}: {exc}", file=sys.stderr)
         return 1
     warn_if_crop_pads(dataset, args.crop_size, args.resize_size, what="input",
-                      multiple_of=(_patch_size(model) or (1,))[0])
+                      multiple_of=(patch_size_of(model) or (1,))[0])
     info = {"checkpoint": os.path.abspath(args.checkpoint), "input": args.input, "crop_size": args.crop_size,
             "resize_size": args.resize_size}
     try:

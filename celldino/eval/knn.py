@@ -470,8 +470,8 @@ def evaluate_knn(model, train_dataset, val_dataset, *, test_dataset=None, nb_knn
     Few-shot: n_per_class_list entries > 0 evaluate on n_tries random class-balanced train subsets; the
     results are then "<dataset>_<k> Top 1" (mean over tries, key suffix "_n<n>") and "... std".
     """
-    from .features import (_patch_size, extract_features, make_eval_dataset, require_several_classes,
-                           share_label_space, warn_if_crop_pads)
+    from .features import extract_features, patch_size_of
+    from .inputs import make_eval_dataset, require_several_classes, share_label_space, warn_if_crop_pads
     from .metrics import per_class_report
 
     metric_t = parse_metric_type(metric)
@@ -490,7 +490,7 @@ def evaluate_knn(model, train_dataset, val_dataset, *, test_dataset=None, nb_knn
     train_where = "the train split" + ("" if names["train"] == "train" else f" {names['train']}")
     require_several_classes(built["train"], train_where)
     if isinstance(train_dataset, str) and _dist.is_main_process(group):
-        warn_if_crop_pads(built["train"], crop_size, resize_size, multiple_of=(_patch_size(model) or (1,))[0])
+        warn_if_crop_pads(built["train"], crop_size, resize_size, multiple_of=(patch_size_of(model) or (1,))[0])
     class_names = shared_names if class_names is None else class_names
     feats = {}
     for split, ds in built.items():

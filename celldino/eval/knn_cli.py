@@ -50,8 +50,8 @@ def main(args) -> int:
     from celldino.data.datasets import DatasetError
 
     from . import _dist
-    from .features import (_patch_size, dataset_spec, extract_features, make_eval_dataset, require_several_classes,
-                           share_label_space, warn_if_crop_pads)
+    from .features import extract_features, patch_size_of
+    from .inputs import dataset_spec, make_eval_dataset, require_several_classes, share_label_space, warn_if_crop_pads
     from .knn import evaluate_knn, knn_leave_one_out
     from .linear import read_leave_one_out_groups
     from .metrics import format_report, parse_metric_type
@@ -75,7 +75,7 @@ def main(args) -> int:
         return 1
     if is_main:
         warn_if_crop_pads(datasets["train"], args.crop_size, args.resize_size,
-                          multiple_of=(_patch_size(model) or (1,))[0])
+                          multiple_of=(patch_size_of(model) or (1,))[0])
     names = {"train": args.train_dataset, "val": args.val_dataset, "test": args.test_dataset}
     os.makedirs(args.output_dir, exist_ok=True)
     results_path = os.path.join(args.output_dir, "results_eval_knn.json")

@@ -292,7 +292,7 @@ def linear_probe_on_features(train_features, train_labels, val_features, val_lab
 
     Returns {"best_classifier": name, "val": best val metric (fraction), "val_metrics": {head: value},
     "test": {name: value}, "heads": the trained LinearHeadGrid, "num_classes": C}."""
-    from .features import require_several_classes
+    from .inputs import require_several_classes
 
     train_labels = labels_to_tensor(train_labels)
     val_labels = labels_to_tensor(val_labels)
@@ -478,8 +478,8 @@ def evaluate_linear(model, train_dataset, val_dataset, *, test_datasets=None, mo
     otherwise). Returns the reference-named results {"<val>_accuracy": x100, "best_classifier": name,
     "<test>_accuracy": x100, ...} plus "note" when val = test; with output_dir also appends them to
     results_eval_linear.json (JSON lines)."""
-    from .features import (_patch_size, extract_features, make_eval_dataset, require_several_classes,
-                           resolve_device, share_label_space, warn_if_crop_pads)
+    from .features import extract_features, patch_size_of, resolve_device
+    from .inputs import make_eval_dataset, require_several_classes, share_label_space, warn_if_crop_pads
 
     if mode not in ("augment", "features"):
         raise ValueError(f"mode {mode!r}: expected augment or features")
@@ -501,7 +501,7 @@ def evaluate_linear(model, train_dataset, val_dataset, *, test_datasets=None, mo
     require_several_classes(train_eval, "the train split" + ("" if names["train"] == "train" else
                                                              f" {names['train']}"))
     if isinstance(train_dataset, str) and _dist.is_main_process(group):
-        warn_if_crop_pads(train_eval, crop_size, resize_size, multiple_of=(_patch_size(model) or (1,))[0])
+        warn_if_crop_pads(train_eval, crop_size, resize_size, multiple_of=(patch_size_of(model) or (1,))[0])
     results_path = os.path.join(output_dir, "results_eval_linear.json") if output_dir else None
     if output_dir:
         os.makedirs(output_dir, exist_ok=True)

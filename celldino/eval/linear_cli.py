@@ -74,7 +74,7 @@ def main(args) -> int:
     from celldino.data.datasets import DatasetError
 
     from . import _dist
-    from .features import dataset_spec
+    from .inputs import dataset_spec
     from .linear import evaluate_linear
 
     is_main = setup(args)

@@ -247,7 +247,7 @@ def test_splits_built_alone_share_the_train_label_space(tmp_path):
 
     from eval_helpers import tiny_vit
     from celldino.eval.knn import evaluate_knn
-    from celldino.eval.features import make_eval_dataset, share_label_space
+    from celldino.eval.inputs import make_eval_dataset, share_label_space
 
     rng = np.random.default_rng(0)
     images = {c: [(rng.random((16, 16)) * 255).astype(np.uint8) for _ in range(3)] for c in "abcd"}
