@@ -3,6 +3,7 @@
     model = celldino.hub.load_backbone("cell_dino_hpa_vitl16.pth")              # any supported format
     model = celldino.hub.cell_dino_hpa_vitl16(pretrained_path="weights.pth")    # reference hub name
     celldino export --checkpoint out/eval/training_44999/teacher_checkpoint.pth --output-dir exported
+    celldino export --checkpoint out/checkpoints/iter_00000042 --output-dir exported   # a training checkpoint dir
 
 Weights are only read from local files (the released Cell-DINO weights are distributed by request, see
 docs/models.md); nothing is downloaded. Loading is strict (see celldino.models.checkpoint).
@@ -79,7 +80,8 @@ def _sibling_export_metadata(path):
 
 def backbone_kwargs_from_checkpoint(path, arch=None, **model_kwargs):
     """(arch, model kwargs, backbone state dict): inferred from the weights, then the file's metadata (celldino
-    exports; for a training teacher_checkpoint.pth, the export written beside it), then the non-inferable
+    exports; for a training teacher_checkpoint.pth, the export written beside it; for a training checkpoint
+    directory, its meta.json's teacher_backbone), then the non-inferable
     defaults, overridden by model_kwargs."""
     source = os.fspath(path)
     state_dict, metadata = load_backbone_state_dict(path)
@@ -102,8 +104,9 @@ def backbone_kwargs_from_checkpoint(path, arch=None, **model_kwargs):
 def load_backbone(path, arch=None, **model_kwargs):
     """Build the backbone a checkpoint file describes and load its weights strictly; returns it in eval mode.
 
-    path: hub .pth, training teacher_checkpoint.pth, unchunked / prefixed state dicts, or a celldino
-    .safetensors export. arch ("vit_small" | "vit_base" | "vit_large" | "vit_giant2") and any
+    path: hub .pth, training teacher_checkpoint.pth, unchunked / prefixed state dicts, a celldino
+    .safetensors export, or a `celldino train` checkpoint directory checkpoints/iter_<n>/ (its teacher backbone,
+    with the settings recorded in its meta.json). arch ("vit_small" | "vit_base" | "vit_large" | "vit_giant2") and any
     DinoVisionTransformer kwarg (e.g. block_chunks=0, channel_adaptive=True, interpolate_offset=0.0) override what
     is inferred; block keys are remapped to the block_chunks used.
     """
@@ -227,7 +230,8 @@ def export_backbone(source, output_dir, name, block_chunks=4, arch=None, **model
 
 def add_arguments(parser):
     parser.add_argument("--checkpoint", required=True,
-                        help="teacher_checkpoint.pth, a hub-format .pth, a state dict or a celldino .safetensors")
+                        help="teacher_checkpoint.pth, a hub-format .pth, a state dict, a celldino .safetensors, "
+                             "or a training checkpoint directory <output>/checkpoints/iter_<n>/ (its teacher)")
     parser.add_argument("--output-dir", required=True, help="directory for <name>.safetensors and <name>.pth")
     parser.add_argument("--name", default=None,
                         help="file name stem (default: celldino_<arch><patch>, e.g. celldino_vitl16)")

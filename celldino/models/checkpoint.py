@@ -6,7 +6,10 @@ Formats read (never unpickling arbitrary objects: `torch.load(weights_only=True)
 - `module.` (DDP), `_orig_mod.` (torch.compile), `_fsdp_wrapped_module.` / `_checkpoint_wrapped_module.` prefixes,
   {"model": ...} / {"state_dict": ...} wrappers, whole student/teacher dicts (`teacher.backbone.*` preferred);
 - unchunked keys `blocks.<index>.*`;
-- celldino safetensors exports (with the model settings in the file's metadata).
+- celldino safetensors exports (with the model settings in the file's metadata);
+- `celldino train` checkpoint directories `checkpoints/iter_<n>/` (torch.distributed.checkpoint, any number of
+  saving ranks): only the teacher backbone's tensors are read, the settings come from meta.json's
+  "teacher_backbone".
 
 Everything the weights determine is inferred from keys and shapes (arch, patch size, in_chans, img_size from
 pos_embed, registers, chunking, FFN type and width, LayerScale, biases); block keys are remapped to whatever
@@ -19,6 +22,7 @@ import logging
 import os
 import pickle
 import re
+import warnings
 
 import torch
 
@@ -55,13 +59,16 @@ def _is_safetensors(path):
 
 
 def read_checkpoint(path):
-    """(object, metadata dict) from a .pth/.pt/.bin (weights_only) or a .safetensors file."""
+    """(object, metadata dict) from a .pth/.pt/.bin (weights_only), a .safetensors file or a `celldino train`
+    checkpoint directory (its teacher backbone only)."""
     path = os.fspath(path)
     if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", str(path)):
         raise CheckpointError(f"{path}: is a URL; celldino does not download weights: download the file yourself "
                               "and pass its local path")
     if os.path.isdir(path):
-        raise CheckpointError(_directory_message(path))
+        if not _looks_like_dcp(path):
+            raise CheckpointError(_directory_message(path))
+        return read_dcp_teacher(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.endswith(".safetensors") or _is_safetensors(path):
@@ -96,35 +103,108 @@ def _fsdp_sharded_message(source):
             "eval/training_<iter>/teacher_checkpoint.pth instead")
 
 
+def _looks_like_dcp(path):
+    entries = os.listdir(path)
+    return ".metadata" in entries or any(e.endswith(".distcp") for e in entries)
+
+
 def _directory_message(path):
-    """What to say for a directory given as a checkpoint: a `celldino train` checkpoints/iter_<n>/ folder is a DCP
-    training checkpoint (every rank's shards of model + optimizer, for resuming), not a model file; the teacher
-    backbone of that iteration is in <output>/eval/training_<n>/ (named when it exists)."""
-    entries = set(os.listdir(path))
-    if not (".metadata" in entries or any(e.endswith(".distcp") for e in entries)):
-        inside = sorted(e for e in entries if e.endswith((".pth", ".pt", ".safetensors")))
-        return (f"{path} is a directory; expected a checkpoint file (a hub .pth, a training teacher_checkpoint.pth, "
-                "a state dict or a celldino .safetensors export)"
-                + (f"; it holds {', '.join(os.path.join(path, e) for e in inside[:4])}" if inside else ""))
-    iteration = None
-    try:
-        with open(os.path.join(path, "meta.json")) as f:
-            iteration = int(json.load(f)["iteration"])
-    except (OSError, ValueError, KeyError, TypeError):
-        match = re.match(r"^iter_(\d+)$", os.path.basename(os.path.normpath(path)))
-        iteration = int(match.group(1)) if match else None
-    text = (f"{path} is a (DCP) training checkpoint directory (sharded model + optimizer state for resuming "
-            "`celldino train`), not a model file; use the teacher of that iteration instead: "
-            "eval/training_<iter>/teacher_checkpoint.pth (or the teacher_backbone.safetensors beside it) in the "
-            "training output directory")
-    if iteration is not None:
-        out_dir = os.path.dirname(os.path.dirname(os.path.abspath(os.path.normpath(path))))
-        for name in ("teacher_checkpoint.pth", "teacher_backbone.safetensors"):
-            candidate = os.path.join(out_dir, "eval", f"training_{iteration}", name)
-            if os.path.isfile(candidate):
-                text += f", here {candidate}"
-                break
+    """What to say for a directory that is not a DCP checkpoint: what was expected, and the checkpoint files it
+    holds (e.g. eval/training_<n>/ given instead of its teacher_checkpoint.pth)."""
+    entries = os.listdir(path)
+    inside = sorted(e for e in entries if e.endswith((".pth", ".pt", ".safetensors")))
+    # the checkpoints/ folder itself (or the output directory) given: name its newest iter_<n>/
+    runs = sorted(e for e in entries if re.match(r"^iter_\d+$", e))
+    if not runs and os.path.isdir(os.path.join(path, "checkpoints")):
+        runs = sorted(os.path.join("checkpoints", e) for e in os.listdir(os.path.join(path, "checkpoints"))
+                      if re.match(r"^iter_\d+$", e))
+    text = (f"{path} is a directory but not a training checkpoint directory (no DCP .metadata / *.distcp files); "
+            "expected a checkpoint file (a hub .pth, a training teacher_checkpoint.pth, a state dict or a celldino "
+            ".safetensors export) or a `celldino train` checkpoints/iter_<n>/ directory")
+    if runs:
+        text += f"; the newest training checkpoint in it is {os.path.join(path, runs[-1])}"
+    if inside:
+        text += f"; it holds {', '.join(os.path.join(path, e) for e in inside[:4])}"
     return text
+
+
+# ---- training checkpoint directories (torch.distributed.checkpoint) -------------------------------------------------
+
+DCP_TEACHER_MARKER = "teacher.backbone."
+DCP_TRAIN_PREFIX = "train.model."
+
+
+def _dcp_teacher_keys(state_dict_metadata, path):
+    """{checkpoint key: backbone key} of the teacher backbone tensors. `celldino train` saves
+    dcp.save({"train": TrainState}) with TrainState = {"model": SSLMetaArch state dict, "optim": ...}, so the
+    flattened keys are train.model.teacher.backbone.<name>; another single prefix before teacher.backbone. is
+    accepted too."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    by_prefix = {}
+    for fqn, meta in state_dict_metadata.items():
+        if not isinstance(meta, TensorStorageMetadata):
+            continue
+        head, marker, name = _strip_wrappers(fqn).partition(DCP_TEACHER_MARKER)
+        if marker and (head == "" or head.endswith(".")):
+            by_prefix.setdefault(head, {})[fqn] = name
+    if DCP_TRAIN_PREFIX in by_prefix:  # (optimizer-state keys can contain a model key too: never the teacher's)
+        return by_prefix[DCP_TRAIN_PREFIX]
+    if len(by_prefix) != 1:
+        found = sorted({".".join(k.split(".")[:3]) for k in state_dict_metadata})
+        what = "no" if not by_prefix else f"several ({sorted(by_prefix)})"
+        raise CheckpointError(f"{path}: DCP checkpoint with {what} teacher backbone ({DCP_TEACHER_MARKER}*) "
+                              f"tensors; expected a `celldino train` checkpoints/iter_<n>/ directory (keys "
+                              f"{DCP_TRAIN_PREFIX}{DCP_TEACHER_MARKER}*), found keys starting with {found[:10]}")
+    return next(iter(by_prefix.values()))
+
+
+def _dcp_backbone_settings(path):
+    """The "teacher_backbone" settings of the checkpoint's meta.json as (encoded) export metadata; {} for older
+    checkpoints, whose settings are then inferred from the shapes."""
+    meta_path = os.path.join(path, "meta.json")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        logger.warning("%s: no meta.json; inferring the backbone settings from the weights", path)
+        return {}
+    except (OSError, ValueError) as exc:
+        logger.warning("%s: unreadable (%s); inferring the backbone settings from the weights", meta_path, exc)
+        return {}
+    settings = meta.get("teacher_backbone") if isinstance(meta, dict) else None
+    return encode_metadata(settings) if isinstance(settings, dict) else {}
+
+
+def read_dcp_teacher(path):
+    """({"teacher.backbone.<name>": tensor}, metadata) from a `celldino train` checkpoint directory.
+
+    Reads only the teacher backbone: its tensors are allocated full-size from the DCP metadata and filled by one
+    single-process dcp.load (no_dist), which reassembles the shards of however many ranks saved it. The optimizer
+    state and the student are never read."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    path = os.fspath(path)
+    if not os.path.isfile(os.path.join(path, ".metadata")):
+        raise CheckpointError(f"{path}: incomplete training checkpoint directory: shard files (*.distcp) but no DCP "
+                              ".metadata (an interrupted save?); use an older checkpoints/iter_<n>/ directory")
+    try:
+        metadata = dcp.FileSystemReader(path).read_metadata()
+    except Exception as exc:  # noqa: BLE001 - a damaged .metadata can fail in pickle, EOF, ...
+        raise CheckpointError(f"{path}: damaged training checkpoint: cannot read its DCP .metadata "
+                              f"({_first_line(exc)})") from exc
+    keys = _dcp_teacher_keys(metadata.state_dict_metadata, path)
+    tensors = {fqn: torch.empty(metadata.state_dict_metadata[fqn].size,
+                                dtype=metadata.state_dict_metadata[fqn].properties.dtype) for fqn in keys}
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(tensors, checkpoint_id=path, no_dist=True)
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001 - DCP's error is a BaseException
+        raise CheckpointError(f"{path}: damaged training checkpoint: cannot read the teacher backbone "
+                              f"({_first_line(exc)})") from exc
+    backbone = {DCP_TEACHER_MARKER + name: tensors[fqn] for fqn, name in keys.items()}
+    return backbone, _dcp_backbone_settings(path)
 
 
 def _first_line(exc):

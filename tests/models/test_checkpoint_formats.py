@@ -233,8 +233,8 @@ def test_custom_dims_need_num_heads(model, image, tmp_path):
 
 
 def _dcp_checkpoint_dir(path, iteration):
-    """A real torch.distributed.checkpoint directory, as `celldino train` writes checkpoints/iter_<n>/ (+ its
-    meta.json)."""
+    """A real torch.distributed.checkpoint directory laid out as checkpoints/iter_<n>/ (+ meta.json) but holding
+    no teacher backbone (tests/models/test_dcp_checkpoints.py loads real `celldino train` checkpoints)."""
     import json
     import warnings
 
@@ -246,28 +246,31 @@ def _dcp_checkpoint_dir(path, iteration):
     return path
 
 
-def test_a_training_checkpoint_directory_points_to_the_teacher(model, tmp_path, capsys):
+def test_directories_that_hold_no_backbone_are_clear_errors(model, tmp_path, capsys):
     from celldino.cli import main as celldino
 
     out = tmp_path / "out"
     ckpt_dir = _dcp_checkpoint_dir(out / "checkpoints" / "iter_00000011", 11)
     with pytest.raises(CheckpointError) as info:
         load_backbone(ckpt_dir)
-    text = str(info.value)
-    assert "training checkpoint directory" in text and "eval/training_<iter>/teacher_checkpoint.pth" in text
-    assert "teacher_backbone.safetensors" in text and "not found" not in text and ", here" not in text
+    text = str(info.value)  # names the directory, what is missing and the keys it found
+    assert text.startswith(f"{ckpt_dir}: DCP checkpoint with no teacher backbone")
+    assert "train.model.teacher.backbone.*" in text and "'model.w'" in text
+    assert celldino(["export", "--checkpoint", str(ckpt_dir), "--output-dir", str(tmp_path / "exp")]) == 1
+    err = capsys.readouterr().err
+    assert str(ckpt_dir) in err and "no teacher backbone" in err and "not found" not in err
+    assert not (tmp_path / "exp").exists()
+    # any other directory: what was expected, and the checkpoint files it holds
     teacher = out / "eval" / "training_11" / "teacher_checkpoint.pth"
     teacher.parent.mkdir(parents=True)
     torch.save(FORMATS["teacher_checkpoint"](model), teacher)
-    with pytest.raises(CheckpointError, match=f"here {teacher}$"):
-        load_backbone(ckpt_dir)
-    # `celldino export` says the same (it used to print "checkpoint not found")
-    assert celldino(["export", "--checkpoint", str(ckpt_dir), "--output-dir", str(tmp_path / "exp")]) == 1
-    err = capsys.readouterr().err
-    assert "training checkpoint directory" in err and str(teacher) in err and "not found" not in err
-    # any other directory: what was expected, and the checkpoint files it holds
-    with pytest.raises(CheckpointError, match=f"training_11 is a directory; expected a checkpoint file.*holds {teacher}"):
+    with pytest.raises(CheckpointError, match=f"training_11 is a directory but not a training checkpoint "
+                                              f"directory.*holds {teacher}"):
         load_backbone(teacher.parent)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CheckpointError, match=r"empty is a directory but not .* checkpoints/iter_<n>/ directory$"):
+        load_backbone(empty)
 
 
 def test_checkpoint_files_are_not_left_half_written(model, tmp_path):
