@@ -14,7 +14,8 @@ logger = logging.getLogger("celldino")
 def add_model_arguments(parser: argparse.ArgumentParser, *, crop_default: int, batch_default: int) -> None:
     g = parser.add_argument_group("model and inputs")
     g.add_argument("--checkpoint", required=True, help="backbone weights: hub .pth, training teacher_checkpoint.pth, "
-                   "a state dict or a celldino .safetensors export (architecture inferred from the file)")
+                   "a state dict, a celldino .safetensors export or a training checkpoint directory "
+                   "(out/checkpoints/iter_N: its teacher); architecture inferred from the file")
     g.add_argument("--arch", default=None, help="override the inferred architecture (vit_small, vit_base, ...)")
     g.add_argument("--num-heads", type=int, default=None,
                    help="attention heads: needed only for a non-standard width / depth loaded from a file that does "
