@@ -85,7 +85,8 @@ stage bench_train ${TRAIN_LIMIT:-300} "${BENCH[@]}" train --train-batch 32 --tra
 # only when named in STAGES: the 1-rank FSDP2 step as the first trainer of its own process (run 4 timed it second)
 if [[ " ${STAGES:-} " == *" bench_train_fsdp "* ]]; then
     stage bench_train_fsdp 150 python3 -m celldino.benchmarks.run_all --results-dir "$WORK/results/fsdp" train \
-        --train-batch 32 --train-steps 10 --train-e2e-steps 0 --train-overrides train.fsdp=true
+        --train-batch 32 --train-steps 10 --train-e2e-steps 0 --train-overrides train.fsdp=true \
+        --train-profile "$WORK/results/profile_fsdp" --train-profile-trace-mb "${TRAIN_TRACE_MB:-5}"
 fi
 # the real trainer end to end on the GPU (data loader, compile, checkpoint, teacher export) on the bundled sample
 stage train_smoke 90 python3 -m celldino train --config-file demo --output-dir "$WORK/train_smoke" \
