@@ -41,6 +41,7 @@ class ParallelPlan:
     compile: bool = False
     compile_mode: str = "default"
     activation_checkpointing: str = "none"
+    fsdp_blocks_per_unit: int = 1                # blocks sharded together (fewer units: less per-module host work)
     autocast_dtype: torch.dtype = None          # plain (unsharded) runs in bf16/fp16: autocast instead of FSDP MP
     grad_scaler: bool = False
     student: dict = field(default_factory=dict)  # submodule name -> PrecisionPlan
@@ -103,6 +104,9 @@ def make_plan(cfg, device, distributed):
     plan.compile_mode = str(cfg.train.get("compile_mode", "default"))
     if plan.compile_mode not in COMPILE_MODES:
         raise ValueError(f"train.compile_mode: expected one of {', '.join(COMPILE_MODES)}, got {plan.compile_mode!r}")
+    plan.fsdp_blocks_per_unit = int(cfg.train.get("fsdp_blocks_per_unit", 1) or 1)
+    if plan.fsdp_blocks_per_unit < 1:
+        raise ValueError(f"train.fsdp_blocks_per_unit: expected >= 1, got {plan.fsdp_blocks_per_unit}")
     plan.activation_checkpointing = str(cfg.train.get("activation_checkpointing", "none")).lower()
     if plan.activation_checkpointing not in ("none", "full", "selective"):
         raise ValueError(f"train.activation_checkpointing: expected none, full or selective, "
@@ -189,14 +193,15 @@ def compile_blocks(backbone, mode="default"):
         block.compile(fullgraph=True, mode=None if mode == "default" else mode)
 
 
-def _shard(module, plan, mesh, blocks=()):
+def _shard(module, plan, mesh, blocks=(), blocks_per_unit=1):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=plan.param_dtype, reduce_dtype=plan.reduce_dtype)
     blocks = list(blocks)
-    for i, block in enumerate(blocks):
-        # the last block is all-gathered again right away by the backward: keep it (torchtitan)
-        reshard = plan.reshard_after_forward and i < len(blocks) - 1
-        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+    units = [blocks[i:i + blocks_per_unit] for i in range(0, len(blocks), blocks_per_unit)]
+    for i, unit in enumerate(units):
+        # the last unit is all-gathered again right away by the backward: keep it (torchtitan)
+        reshard = plan.reshard_after_forward and i < len(units) - 1
+        fully_shard(unit[0] if len(unit) == 1 else unit, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
     fully_shard(module, mesh=mesh, mp_policy=mp, reshard_after_forward=plan.reshard_after_forward)
 
 
@@ -226,7 +231,7 @@ def parallelize(model, plan, device, mesh=None):
         modules = getattr(model, role)
         for name, module in modules.items():
             blocks = list(module.iter_blocks()) if name == "backbone" else []
-            _shard(module, plans[name], mesh, blocks)
+            _shard(module, plans[name], mesh, blocks, plan.fsdp_blocks_per_unit)
         register_fsdp_forward_method(modules.backbone, "forward_features_list")
         register_fsdp_forward_method(modules.backbone, "forward_features")
     # the losses' buffers (centers) stay replicated plain tensors

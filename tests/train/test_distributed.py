@@ -82,7 +82,8 @@ def test_two_ranks_match_one_rank_on_the_same_global_batch(tmp_path):
 
 def test_one_process_fsdp2_trains_like_the_unsharded_process(tmp_path):
     """train.fsdp=true in one process: FSDP2 on a 1-rank group (bench_train_fsdp's setting) gives the unsharded
-    process's losses (fp32, CPU) to 1e-5 relative over 4 steps, with the student really sharded (DTensors)."""
+    process's losses (fp32, CPU) to 1e-5 relative over 4 steps, with the student really sharded (DTensors), also
+    with several blocks per FSDP unit."""
     common = ["optim.epochs=1", "train.OFFICIAL_EPOCH_LENGTH=4", "evaluation.eval_period_iterations=0",
               "optim.base_lr=0.05", "train.checkpoint_period=100", "student.layerscale=1.0",
               "train.batch_size_per_gpu=8"]
@@ -93,12 +94,14 @@ def test_one_process_fsdp2_trains_like_the_unsharded_process(tmp_path):
         reference = trainer.run(synthetic_batches(trainer.cfg, 0, 1, trainer.max_iter))["loss_history"]
     finally:
         trainer.close()
-    (result,) = _run_ranks(tmp_path, 1, {"overrides": common + ["train.fsdp=true"],
-                                         "output_dir": str(tmp_path / "fsdp"), "synthetic": True})
-    assert result["world"] == 1 and result["sharded"]
-    assert [it for it, _ in result["loss_history"]] == [0, 1, 2, 3]
-    for (_, got), (_, want) in zip(result["loss_history"], reference):
-        assert got == pytest.approx(want, rel=1e-5)
+    # one FSDP unit per block (the default) and both blocks in one unit (train.fsdp_blocks_per_unit)
+    for name, extra in (("fsdp", []), ("fsdp_grouped", ["train.fsdp_blocks_per_unit=2"])):
+        (result,) = _run_ranks(tmp_path, 1, {"overrides": common + ["train.fsdp=true", *extra],
+                                             "output_dir": str(tmp_path / name), "synthetic": True})
+        assert result["world"] == 1 and result["sharded"]
+        assert [it for it, _ in result["loss_history"]] == [0, 1, 2, 3]
+        for (_, got), (_, want) in zip(result["loss_history"], reference):
+            assert got == pytest.approx(want, rel=1e-5)
 
 
 def test_checkpoint_moves_between_world_sizes(tmp_path):
