@@ -41,8 +41,18 @@ from ._dispatch import backend, interpreting, launch_autotuned, triton_available
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _offsets(cu_seqlens):
-    return cu_seqlens.tolist() if torch.is_tensor(cu_seqlens) else [int(x) for x in cu_seqlens]
+def _integer_offsets(cu_seqlens):
+    """cu_seqlens as a list of ints; float offsets are refused (a float tensor used to build a tile table that missed
+    tokens, and a list of floats was truncated silently)."""
+    if torch.is_tensor(cu_seqlens):
+        if cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"multicrop_attention: cu_seqlens must be an int32 / int64 tensor, got {cu_seqlens.dtype}")
+        return cu_seqlens.tolist()
+    offsets = list(cu_seqlens)
+    if any(isinstance(x, bool) or int(x) != x for x in offsets):
+        raise ValueError(f"multicrop_attention: cu_seqlens must hold integers, got {offsets[:8]}...")
+    return [int(x) for x in offsets]
+
 
 
 def _check_inputs(q, k, v, offsets):
@@ -92,7 +102,7 @@ def multicrop_attention_reference(q, k, v, cu_seqlens, scale=None):
     if torch.is_tensor(cu_seqlens) and torch.compiler.is_compiling():
         # reading a tensor's offsets on the host is data-dependent (a graph break under fullgraph): one opaque op
         return torch.ops.celldino.multicrop_attention_reference(q, k, v, cu_seqlens, scale)
-    return _reference_forward(q, k, v, _offsets(cu_seqlens), scale)
+    return _reference_forward(q, k, v, _integer_offsets(cu_seqlens), scale)
 
 
 # The reference behind a custom op, for tensor offsets under torch.compile. Autograd does not record inside a
@@ -101,7 +111,7 @@ def multicrop_attention_reference(q, k, v, cu_seqlens, scale=None):
 @torch.library.custom_op("celldino::multicrop_attention_reference", mutates_args=())
 def _reference_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                   scale: float | None) -> torch.Tensor:
-    return _reference_forward(q, k, v, _offsets(cu_seqlens), scale)
+    return _reference_forward(q, k, v, _integer_offsets(cu_seqlens), scale)
 
 
 @_reference_op.register_fake
@@ -112,7 +122,7 @@ def _reference_fake(q, k, v, cu_seqlens, scale):
 @torch.library.custom_op("celldino::multicrop_attention_reference_bwd", mutates_args=())
 def _reference_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                       scale: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    offsets = _offsets(cu_seqlens)
+    offsets = _integer_offsets(cu_seqlens)
     _check_inputs(q, k, v, offsets)
     s = scale if scale is not None else q.shape[-1] ** -0.5
     work = torch.promote_types(q.dtype, torch.float32)
@@ -227,18 +237,18 @@ def build_tile_table(lengths, tile, fused_max_tiles=FUSED_BWD_MAX_TILES):
 
 
 def _lengths(cu_seqlens):
-    """Crop lengths as a tuple; a tensor seen before (same object, unmodified) costs no device->host copy."""
-    if torch.is_tensor(cu_seqlens):
+    """Crop lengths as a tuple; a tensor seen before (same object, unmodified) costs no device->host copy. The cache
+    tracks in-place torch edits through the tensor's version counter; inference tensors have none and are re-read."""
+    cacheable = torch.is_tensor(cu_seqlens) and not cu_seqlens.is_inference()
+    if cacheable:
         hit = _CU_CACHE.get(id(cu_seqlens))
         if hit is not None and hit[0]() is cu_seqlens and hit[1] == cu_seqlens._version:
             return hit[2]
-        offsets = cu_seqlens.tolist()
-    else:
-        offsets = [int(x) for x in cu_seqlens]
+    offsets = _integer_offsets(cu_seqlens)
     lengths = tuple(b - a for a, b in zip(offsets[:-1], offsets[1:]))
     if len(offsets) < 1 or offsets[0] != 0 or any(n < 0 for n in lengths):
         raise ValueError(f"multicrop_attention: cu_seqlens must start at 0 and be non-decreasing, got {offsets[:8]}...")
-    if torch.is_tensor(cu_seqlens):
+    if cacheable:
         if len(_CU_CACHE) > 256:
             for key in [key for key, val in _CU_CACHE.items() if val[0]() is None]:
                 del _CU_CACHE[key]
@@ -677,9 +687,9 @@ def _check_triton_inputs(q, k, v):
                          f"{q.dtype}/{k.dtype}/{v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"multicrop_attention: q, k, v on different devices {q.device}/{k.device}/{v.device}")
-    if q.shape[2] > 128:
-        raise ValueError(f"multicrop_attention (triton): head_dim {q.shape[2]} > 128 is not supported; use "
-                         "CELLDINO_KERNELS=torch")
+    if q.shape[2] > 128 or q.shape[2] < 1:
+        raise ValueError(f"multicrop_attention (triton): head_dim {q.shape[2]} is not supported (1..128); use "
+                         "CELLDINO_KERNELS=torch for larger heads")
 
 
 def _table_for(cu_seqlens, q, tile):
@@ -710,6 +720,9 @@ def multicrop_attention_triton(q, k, v, cu_seqlens, max_seqlen=None, scale=None,
     """
     _check_triton_inputs(q, k, v)
     tile = int(tile or default_tile(q.dtype, q.shape[2]))
+    for name, value in (("tile", tile), ("block_n", block_n)):
+        if value is not None and (int(value) < 16 or int(value) & (int(value) - 1)):
+            raise ValueError(f"multicrop_attention_triton: {name} must be a power of 2 >= 16, got {value}")
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[2])
     if torch.compiler.is_compiling():
         # offsets given as ints stay ints in the graph (no CPU tensor constant, which would keep inductor from

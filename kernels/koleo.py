@@ -346,6 +346,7 @@ def _kernel_wins(x, compared_rows):
 
 def koleo_loss(x, eps=1e-8):
     """KoLeo loss of a [B, D] batch (B >= 2): fp32 scalar on the Triton path, x's dtype on the reference."""
+    _check(x)
     if _kernel_wins(x, x.shape[0]) and use_triton(x):
         return koleo_loss_triton(x, eps)
     return koleo_loss_reference(x, eps)

@@ -50,13 +50,16 @@ def _all_reduce(t, group, op=None):
     return t
 
 
-def _check_args(logits, temperature, n_iterations):
-    if logits.dim() != 2:
-        raise ValueError(f"sinkhorn_knopp: logits must be [rows, K], got shape {tuple(logits.shape)}")
-    if not temperature > 0:
-        raise ValueError(f"sinkhorn_knopp: temperature must be > 0, got {temperature}")
+def _check_args(logits, temperature, n_iterations, n_rows=None):
+    if logits.dim() != 2 or logits.shape[1] < 1:
+        raise ValueError(f"sinkhorn_knopp: logits must be [rows, K >= 1], got shape {tuple(logits.shape)}")
+    if not (temperature > 0 and math.isfinite(float(temperature))):
+        raise ValueError(f"sinkhorn_knopp: temperature must be finite and > 0, got {temperature}")
     if int(n_iterations) != n_iterations or n_iterations < 0:
         raise ValueError(f"sinkhorn_knopp: n_iterations must be a non-negative integer, got {n_iterations}")
+    if n_rows is not None and (int(n_rows) != n_rows or n_rows < 0 or (n_rows == 0 and logits.shape[0] > 0)):
+        raise ValueError(f"sinkhorn_knopp: n_rows (the global row count) must be a non-negative integer and at "
+                         f"least this rank's {logits.shape[0]} rows, got {n_rows}")
 
 
 def _shift(logits, n_iterations, group):
@@ -76,7 +79,7 @@ def sinkhorn_knopp_reference(logits, temperature, n_iterations=3, n_rows=None, g
     logits: [rows_local, K]. n_rows: the global row count B (default rows_local x world size).
     Returns [rows_local, K] fp32 targets whose rows sum to 1.
     """
-    _check_args(logits, temperature, n_iterations)
+    _check_args(logits, temperature, n_iterations, n_rows)
     logits = logits.float()
     Q = torch.exp((logits - _shift(logits, n_iterations, group)) / temperature).t()  # K x rows_local
     K = Q.shape[0]
@@ -207,7 +210,7 @@ def sinkhorn_knopp_triton(logits, temperature, n_iterations=3, n_rows=None, grou
     """Streamed Sinkhorn-Knopp (see the module docstring); same arguments and result as the reference."""
     if triton is None:
         raise RuntimeError("sinkhorn_knopp_triton needs triton")
-    _check_args(logits, temperature, n_iterations)
+    _check_args(logits, temperature, n_iterations, n_rows)
     x = logits.detach()
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -224,8 +227,9 @@ def sinkhorn_knopp_triton(logits, temperature, n_iterations=3, n_rows=None, grou
 
     def col_pass(first, final_u):
         grid = lambda meta: (triton.cdiv(K, meta["BLOCK_K"]),)  # noqa: E731
-        launch_autotuned(_sk_col_pass_kernel, grid, x, x.stride(0), shift, rinv, colsum, R, K, rb, scale, 1.0 / B,
-                         1.0 / K, FIRST=first, FINAL_U=final_u)
+        # B = 0 only on a rank without rows (nothing of it is used): it still takes part in the collectives
+        launch_autotuned(_sk_col_pass_kernel, grid, x, x.stride(0), shift, rinv, colsum, R, K, rb, scale,
+                         1.0 / B if B else 0.0, 1.0 / K, FIRST=first, FINAL_U=final_u)
 
     def reduce_u():
         """Distributed: the local per-prototype sums become global; returns u = 1 / (K colsum)."""

@@ -192,6 +192,13 @@ def test_cu_seqlens_cache_follows_tensor_identity_and_version():
     cu[2] = 9  # in-place edit bumps the version: the cached lengths must not be reused
     assert attention._lengths(cu) == (3, 6)
     assert attention._lengths([0, 2, 2, 5]) == (2, 0, 3)
+    # tensors made under inference_mode have no version counter: read each time, never cached (they crashed)
+    with torch.inference_mode():
+        frozen = cu_of([2, 5])
+    assert attention._lengths(frozen) == (2, 5) and attention._lengths(frozen) == (2, 5)
+    q = torch.randn(7, 1, 16)
+    torch.testing.assert_close(multicrop_attention_triton(q, q, q, frozen),
+                               multicrop_attention_reference(q, q, q, frozen))
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -205,6 +212,13 @@ def test_bad_inputs_raise_clear_errors():
         multicrop_attention_triton(big, big, big, cu_of([10]))
     with pytest.raises(ValueError, match="total_tokens, heads, head_dim"):
         multicrop_attention_reference(q[:, 0], q[:, 0], q[:, 0], cu_of([10]))
+    for fn in (multicrop_attention_triton, multicrop_attention_reference):  # offsets must be integers
+        with pytest.raises(ValueError, match="int32 / int64 tensor"):
+            fn(q, q, q, torch.tensor([0.0, 4.5, 10.0]))
+        with pytest.raises(ValueError, match="must hold integers"):
+            fn(q, q, q, [0, 4.5, 10])
+    with pytest.raises(ValueError, match="tile must be a power of 2"):
+        multicrop_attention_triton(q, q, q, cu_of([10]), tile=-4)
 
 
 def test_dispatch_follows_backend(monkeypatch):

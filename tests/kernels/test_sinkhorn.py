@@ -136,6 +136,23 @@ def test_bad_arguments_are_clear_errors():
         sk.sinkhorn_knopp_triton(torch.randn(2, 3), 0.0)
     with pytest.raises(ValueError, match="n_iterations"):
         sk.sinkhorn_knopp_reference(torch.randn(2, 3), 0.1, n_iterations=-1)
+    for fn in (sk.sinkhorn_knopp_triton, sk.sinkhorn_knopp_reference):
+        with pytest.raises(ValueError, match="temperature must be finite"):
+            fn(torch.randn(2, 3), float("inf"))
+        with pytest.raises(ValueError, match="n_rows"):
+            fn(torch.randn(2, 3), 0.1, n_rows=-1)
+        with pytest.raises(ValueError, match="n_rows"):
+            fn(torch.randn(2, 3), 0.1, n_rows=0)  # fewer global rows than this rank holds
+        with pytest.raises(ValueError, match="K >= 1"):
+            fn(torch.randn(2, 0), 0.1)
+
+
+def test_no_rows_anywhere_gives_an_empty_result():
+    """iBOT with no masked patch on any rank calls it with 0 rows and n_rows=0 (the Triton path divided by B)."""
+    for fn in (sk.sinkhorn_knopp_triton, sk.sinkhorn_knopp_reference):
+        for n_rows in (None, 0):
+            out = fn(torch.randn(0, 7), 0.07, n_rows=n_rows)
+            assert out.shape == (0, 7) and out.dtype == torch.float32
 
 
 # ---- distributed: 2 gloo processes, rows sharded, equal to one process on the concatenated rows ---------------
