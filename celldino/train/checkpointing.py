@@ -197,6 +197,16 @@ def load_latest(output_dir, state):
             with open(Path(path) / "meta.json") as f:
                 meta = json.load(f)
             iteration = int(meta["iteration"])
+        except Exception as exc:  # noqa: BLE001 - reported below, after every rank has looked
+            problem = f"{type(exc).__name__}: {_first_line(exc)}"
+        else:
+            problem = None
+        # every rank takes the same branch (dcp.load is collective): one rank that cannot read it skips it for all
+        if not distributed.all_true(problem is None):
+            logger.error("cannot load checkpoint %s (%s); trying an older one", path,
+                         problem or "another rank cannot read its meta.json: is the output directory shared?")
+            continue
+        try:
             with _single_process_quiet():
                 dcp.load({"train": state}, checkpoint_id=path, no_dist=not distributed.is_initialized())
         except (Exception, CheckpointException) as exc:  # noqa: BLE001 - DCP's error is a BaseException

@@ -8,6 +8,8 @@ import datetime
 import logging
 import os
 import socket
+import uuid
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -99,6 +101,39 @@ def broadcast_object(obj, src=0):
     holder = [obj]
     dist.broadcast_object_list(holder, src=src)
     return holder[0]
+
+
+def all_gather_objects(obj):
+    """[obj of rank 0, obj of rank 1, ...] (a single process: [obj])."""
+    if not (is_initialized() and world_size() > 1):
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_true(flag) -> bool:
+    """Whether `flag` holds on every rank (collective): ranks take the same branch after a per-rank check."""
+    return all(all_gather_objects(bool(flag)))
+
+
+def check_shared_directory(path):
+    """Every rank must see the output directory rank 0 writes (checkpoint shards are renamed into place by rank 0,
+    and resume reads them on every rank): fail at start, naming the ranks that do not, instead of a checkpoint that
+    silently lacks their shards. Collective; nothing to do in one process."""
+    if not (is_initialized() and world_size() > 1):
+        return
+    token = Path(path) / f".celldino-shared-{uuid.uuid4().hex}" if is_main_process() else None
+    if token is not None:
+        token.write_text("written by rank 0\n")
+    token = broadcast_object(None if token is None else str(token))
+    blind = [r for r, seen in enumerate(all_gather_objects(os.path.exists(token))) if not seen]
+    barrier()
+    if is_main_process():
+        os.remove(token)
+    if blind:
+        raise ValueError(f"output directory {path}: rank(s) {blind} cannot see a file rank 0 wrote there; put "
+                         "--output-dir on a filesystem shared by every node")
 
 
 def destroy():

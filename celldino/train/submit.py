@@ -84,7 +84,10 @@ def build_executor(args):
                   tasks_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task, timeout_min=args.timeout_min)
     if args.mem_gb:
         params["mem_gb"] = args.mem_gb
-    slurm = {"slurm_signal_delay_s": args.signal_delay_s}
+    # --requeue lets rank 0's `scontrol requeue` work where the cluster does not allow it by default;
+    # --kill-on-bad-exit ends every task when one fails, instead of the others waiting out the collective timeout
+    slurm = {"slurm_signal_delay_s": args.signal_delay_s, "slurm_additional_parameters": {"requeue": True},
+             "slurm_srun_args": ["--kill-on-bad-exit=1"]}
     for key in ("partition", "account", "qos", "constraint", "exclude", "comment"):
         value = getattr(args, key)
         if value:
@@ -114,8 +117,12 @@ def main(args):
         if aside is not None:
             print(f"celldino submit: starting over; the previous checkpoints are now in {aside}")
     executor = build_executor(args)
+    if executor.cluster == "local" and args.cluster != "local":
+        print("celldino submit: no SLURM here (sbatch not found): the job runs on this machine as background "
+              "processes (pass --cluster local to ask for that)", file=sys.stderr)
     job = executor.submit(TrainJob(_train_argv(args), requeue=not args.no_requeue))
-    print(f"celldino submit: job {job.job_id} ({args.nodes} node(s) x {args.gpus_per_node} GPU(s)); "
+    print(f"celldino submit: {executor.cluster} job {job.job_id} "
+          f"({args.nodes} node(s) x {args.gpus_per_node} GPU(s)); "
           f"logs in {Path(args.output_dir).resolve() / 'submitit'}, training output in {args.output_dir}")
     if executor.cluster == "debug":
         job.result()

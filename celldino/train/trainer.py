@@ -148,10 +148,12 @@ class Trainer:
         if use_fsdp is False and processes > 1:
             raise ValueError(f"train.fsdp=false runs one process only; this launch has {processes} "
                              "(use train.fsdp=auto or true)")
-        self.rank, self.world_size, self._owns_group = distributed.init(self.device,
-                                                                        single_process_group=use_fsdp is True)
+        self.rank, self.world_size, self._owns_group = distributed.init(
+            self.device, timeout_minutes=float(cfg.train.get("dist_timeout_minutes", 30)),
+            single_process_group=use_fsdp is True)
         self.is_main = self.rank == 0
         self._log_handlers = setup_logging(self.output_dir, self.rank)
+        distributed.check_shared_directory(self.output_dir)  # every rank must see rank 0's checkpoints
         self.writer = None
         try:
             self._build(cfg, resume)
@@ -275,18 +277,20 @@ class Trainer:
 
     def _flush(self, pending, meters):
         """Reduce the pending per-iteration losses over ranks (one all-reduce), stop on NaN/inf, update the
-        meters; returns (per-iteration reduced loss rows, whether any rank received a stop signal)."""
-        if not pending:
-            flag = torch.tensor([1.0 if self._signal is not None else 0.0], device=self.device)
-            distributed.all_reduce_sum(flag)
-            return [], bool(flag.item() > 0)
-        values = torch.stack([t for _, t, _ in pending])
-        flag = torch.tensor([1.0 if self._signal is not None else 0.0], device=self.device)
-        buffer = torch.cat([values.flatten(), flag])
+        meters; returns (per-iteration reduced loss rows, the stop signal any rank received or None). The signal
+        travels by kind, so every rank (rank 0 requeues the SLURM job) learns which one arrived, wherever it did."""
+        flags = torch.tensor([1.0 if self._signal == getattr(signal, name, None) else 0.0 for name in STOP_SIGNALS],
+                             device=self.device)
+        values = torch.stack([t for _, t, _ in pending]) if pending else flags.new_zeros((0, 0))
+        buffer = torch.cat([values.flatten(), flags])
         distributed.all_reduce_sum(buffer)
         buffer = buffer.cpu()
-        stop = bool(buffer[-1].item() > 0)
-        rows = (buffer[:-1].view_as(values) / self.world_size).tolist()
+        seen = [name for name, count in zip(STOP_SIGNALS, buffer[-len(STOP_SIGNALS):].tolist()) if count > 0]
+        # a requeue signal wins over SIGTERM when ranks saw different ones
+        stop = next((name for name in ("SIGUSR1", "SIGUSR2") if name in seen), seen[0] if seen else None)
+        if not pending:
+            return [], stop
+        rows = (buffer[:-len(STOP_SIGNALS)].view_as(values) / self.world_size).tolist()
         out = []
         for (iteration, _, info), row in zip(pending, rows):
             row, grad_norm = row[:-1], row[-1]
@@ -422,7 +426,7 @@ class Trainer:
                     if (is_stop or signalled) and iteration < self.max_iter - 1:  # (the last one: "finished")
                         summary["stopped"] = "stop_after_iters" if is_stop else "signal"
                         if signalled:
-                            summary["signal"] = signal.Signals(self._signal).name if self._signal else "peer rank"
+                            summary["signal"] = signalled
                         iteration += 1
                         break
                 iteration += 1
@@ -470,6 +474,12 @@ def run_training(cfg, output_dir, resume=True, data=None):
     try:
         trainer = Trainer(cfg, output_dir, resume=resume)
         return trainer.run(data, dataset=dataset)
+    except Exception as exc:
+        if trainer is not None:  # into this rank's log too: on another node it is the only record of the cause
+            from celldino.data.loaders import worker_error_message
+            logger.error("training stopped on rank %d: %s", trainer.rank,
+                         worker_error_message(exc) or f"{type(exc).__name__}: {exc}")
+        raise
     finally:
         if trainer is not None:
             trainer.close()

@@ -60,6 +60,17 @@ def main():
                 terms = dict(terms, koleo_loss=terms["koleo_loss"] * float("inf"))
             return total, terms
         SSLMetaArch.compute_losses = compute_losses
+    if spec.get("signal_rank") == rank:  # send this rank (only) a stop signal during one iteration
+        import signal
+
+        from celldino.train.ssl_meta_arch import SSLMetaArch
+        original_losses = SSLMetaArch.compute_losses
+
+        def signalled_losses(self, batch, teacher_temp):
+            if batch["iteration"] == spec["signal_iteration"]:
+                os.kill(os.getpid(), getattr(signal, spec["signal_name"]))
+            return original_losses(self, batch, teacher_temp)
+        SSLMetaArch.compute_losses = signalled_losses
     cfg = tiny_cfg(*spec["overrides"])
     trainer = Trainer(cfg, spec["output_dir"], resume=spec.get("resume", True))
     from torch.distributed.tensor import DTensor
@@ -83,7 +94,7 @@ def main():
     finally:
         trainer.close()
     result.update(loss_history=summary["loss_history"], end_iteration=summary["end_iteration"],
-                  stopped=summary["stopped"], done=True)
+                  stopped=summary["stopped"], signal=summary.get("signal"), done=True)
     path = Path(f"{spec['result']}.rank{rank}.json")
     path.write_text(json.dumps(result))
 

@@ -73,3 +73,28 @@ def test_interrupted_saves_are_cleaned_up_and_a_moved_aside_checkpoint_is_restor
     assert "restoring iter_00000007" in caplog.text and "ignoring incomplete checkpoint" in caplog.text
     iteration, _ = load_latest(tmp_path, _state(0))
     assert iteration == 7
+
+
+def _shared_check(rank, world, shared, private):
+    """Rank 1 looks at its own private copy of the directory when `private` is set (a node-local disk)."""
+    from celldino.train import distributed
+    if private and rank == 1:
+        import os.path
+        real_exists = os.path.exists
+        os.path.exists = lambda p: False if ".celldino-shared-" in str(p) else real_exists(p)
+    try:
+        distributed.check_shared_directory(shared)
+        return "ok"
+    except ValueError as exc:
+        return str(exc)
+
+
+@pytest.mark.distributed
+def test_an_output_directory_not_shared_by_every_rank_is_refused_at_start(tmp_path):
+    from gloo_ranks import run_on_gloo_ranks
+    ok = run_on_gloo_ranks(_shared_check, (str(tmp_path), False), tmp_path / "store1")
+    assert ok == {0: "ok", 1: "ok"} and not list(tmp_path.glob(".celldino-shared-*"))
+    bad = run_on_gloo_ranks(_shared_check, (str(tmp_path), True), tmp_path / "store2")
+    for message in bad.values():
+        assert "rank(s) [1] cannot see a file rank 0 wrote there" in message
+    assert not list(tmp_path.glob(".celldino-shared-*"))

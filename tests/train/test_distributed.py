@@ -146,3 +146,16 @@ def test_an_inf_loss_on_one_rank_stops_every_rank(tmp_path):
         assert "iter_00000001" in result["stopped"]
     # the checkpoint due after iteration 3 was never written; the one after iteration 1 is intact
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["iter_00000001"]
+
+
+def test_a_signal_on_one_rank_stops_every_rank_and_every_rank_knows_which(tmp_path):
+    """SLURM's time-limit warning may reach one rank only: all ranks checkpoint and stop, and rank 0 (which
+    requeues the job on SIGUSR1/2) learns it was SIGUSR2, not merely "a peer"."""
+    out = tmp_path / "run"
+    overrides = ["optim.epochs=1", "train.OFFICIAL_EPOCH_LENGTH=8", "train.checkpoint_period=100",
+                 "evaluation.eval_period_iterations=0", "train.batch_size_per_gpu=2", "train.log_period=2"]
+    results = _run_ranks(tmp_path, 2, {"overrides": overrides, "output_dir": str(out), "signal_rank": 1,
+                                       "signal_iteration": 1, "signal_name": "SIGUSR2"})
+    for result in results:
+        assert result["stopped"] == "signal" and result["signal"] == "SIGUSR2" and result["end_iteration"] == 3
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["iter_00000002"]

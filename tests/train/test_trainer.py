@@ -323,6 +323,7 @@ def test_submit_runs_the_trainer_through_submitit(tmp_path, monkeypatch, capsys)
     assert params["partition"] == "gpu" and params["time"] == 600 and params["signal_delay_s"] == 120
     sbatch = executor._executor._make_submission_file_text("python -m submitit.core._submit", "0")
     assert "#SBATCH --nodes=4" in sbatch and "#SBATCH --signal=USR2@120" in sbatch
+    assert "#SBATCH --requeue" in sbatch and "--kill-on-bad-exit=1" in sbatch
     bad = parser.parse_args(["--cluster", "debug", "--output-dir", str(tmp_path / "bad"), "train.nope=1"])
     assert submit.main(bad) == 2 and "train.nope" in capsys.readouterr().err
 
