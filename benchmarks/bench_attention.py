@@ -21,6 +21,7 @@ memory of one fwd+bwd call. Every provider's output is checked against the basel
 On CPU: a tiny layout, fp32, the torch providers (plus celldino when TRITON_INTERPRET=1 was set before import).
 """
 import argparse
+import contextlib
 import functools
 
 import torch
@@ -153,10 +154,7 @@ def _make_providers(names, lengths, heads, device, dtype):
                 total = crop.numel()
                 block_mask = create_block_mask(lambda b, h, qi, ki: crop[qi] == crop[ki], None, None, total, total,
                                                device=device)
-                # the "bwd" timing replays one graph's backward (retain_graph=True), which compiled backward graphs
-                # refuse while they donate buffers
-                import torch._functorch.config as functorch_config
-                functorch_config.donated_buffer = False
+                # compiled (lazily, at its first call) and called only under provider_context("flex")
                 flex = torch.compile(flex_attention, dynamic=False)
 
                 def run_flex(q, k, v, flex=flex, block_mask=block_mask):
@@ -182,8 +180,19 @@ def _make_providers(names, lengths, heads, device, dtype):
     return made, skipped
 
 
+def provider_context(name):
+    """The settings a provider's compile and calls need, scoped to them (a context manager). FlexAttention: the
+    "bwd" timing replays one graph's backward (retain_graph=True), which compiled backward graphs refuse while
+    they donate buffers, so buffer donation is off while flex is compiled and timed, and restored afterwards (set
+    process-wide it would also cost later benchmarks in the same process, e.g. train, their donation)."""
+    if name == "flex":
+        import torch._functorch.config as functorch_config
+        return functorch_config.patch(donated_buffer=False)
+    return contextlib.nullcontext()
+
+
 def _time_modes(fn, q, k, v, grad_out, device, reps):
-    """{mode: (median, p20, p80)} and the peak extra memory of one fwd+bwd."""
+    """{mode: common.Timing} and the peak extra memory of one fwd+bwd."""
     def zero_grads():
         for t in (q, k, v):
             t.grad = None
@@ -197,18 +206,18 @@ def _time_modes(fn, q, k, v, grad_out, device, reps):
         fn(q, k, v).backward(grad_out)
 
     fwd_bwd()  # compile / autotune outside the timed region (do_bench sizes its loop from the first calls)
-    out = fn(q, k, v)
+    graph = {"out": fn(q, k, v)}  # one retained graph, replayed by bwd()
 
     def bwd():
         zero_grads()
-        out.backward(grad_out, retain_graph=True)
+        graph["out"].backward(grad_out, retain_graph=True)
 
     timings = {
         "fwd": common.bench(fwd, device=device, **reps),
         "bwd": common.bench(bwd, device=device, **reps),
         "fwd+bwd": common.bench(fwd_bwd, device=device, **reps),
     }
-    del out
+    graph.clear()  # frees the retained graph
     zero_grads()
     return timings, common.peak_memory_mb(fwd_bwd, device=device)
 
@@ -258,9 +267,10 @@ def run(args):
         baseline = {}
         for prov, fn in made.items():
             try:
-                with torch.no_grad():
-                    diff = (fn(q, k, v).float() - expected).abs().max().item()
-                timings, peak = _time_modes(fn, q, k, v, grad_out, device, reps)
+                with provider_context(prov):
+                    with torch.no_grad():
+                        diff = (fn(q, k, v).float() - expected).abs().max().item()
+                    timings, peak = _time_modes(fn, q, k, v, grad_out, device, reps)
             except Exception as exc:  # noqa: BLE001 - keep the other providers' rows
                 print(f"    {prov} failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
                 continue

@@ -216,16 +216,24 @@ def multicrop_torch_batched(images, params, divisor=65535.0, eps=1e-7):
 
 
 def _fused_multicrop():
-    """(callable(images uint16 [B,C,H,W], params) -> crops, None) from celldino.data.fused_augment, or
-    (None, why not)."""
+    """(callable(images uint16 [B,C,H,W], params) -> crops, None) when celldino._C's CPU op is built
+    (celldino.data.fused_augment.extension_available()), else (None, why not)."""
     try:
         from celldino.data import fused_augment
-    except Exception as exc:  # noqa: BLE001 - not built / not written yet
+    except Exception as exc:  # noqa: BLE001 - not importable in this install
         return None, f"celldino.data.fused_augment not importable ({type(exc).__name__}: {exc})"
-    fn = getattr(fused_augment, "apply_crop_params", None)
-    if fn is None:
-        return None, "celldino.data.fused_augment has no apply_crop_params(images, params)"
-    return fn, None
+    if not fused_augment.extension_available():
+        return None, "celldino._C not built (celldino.data.fused_augment.extension_available() is False)"
+    return fused_augment.apply_crop_params, None
+
+
+def _gpu_multicrop():
+    """(callable(images on the GPU [B,C,H,W], params) -> crops, its name for the note): the fused CUDA kernel when
+    celldino._C was built with its CUDA part, else the batched torch grid_sample stand-in."""
+    if _cuda_built():
+        from celldino.data import fused_augment
+        return fused_augment.apply_crop_params, "fused CUDA kernel (celldino._C)"
+    return multicrop_torch_batched, "batched torch grid_sample stand-in (celldino._C built without CUDA)"
 
 
 def deflate_codec():
@@ -261,7 +269,11 @@ def loader_rate(directory, channels, batch, workers, device, steps):
 
 
 def _cuda_built():
-    from celldino.data import fused_augment
+    """Whether celldino._C was built with its CUDA part (False when the module or the extension is missing)."""
+    try:
+        from celldino.data import fused_augment
+    except Exception:  # noqa: BLE001 - not importable in this install
+        return False
     return fused_augment.cuda_extension_available()
 
 
@@ -278,21 +290,19 @@ def _threads(n):
         torch.set_num_threads(old)
 
 
-def _time(fn, rep, sync=False):
-    """(median, p20, p80) ms of fn() after one warm-up call."""
+def _time(fn, rep, sync=False, clock=time.perf_counter):
+    """Timing (true median, p20, p80 ms; common.summarize) of `rep` calls of fn() after one warm-up call."""
     fn()
     times = []
     for _ in range(rep):
         if sync:
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = clock()
         fn()
         if sync:
             torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    times.sort()
-    pick = lambda q: times[min(len(times) - 1, int(q * len(times)))]  # noqa: E731
-    return pick(0.5), pick(0.2), pick(0.8)
+        times.append((clock() - start) * 1e3)
+    return common.summarize(times)
 
 
 NAN = (math.nan, math.nan, math.nan)
@@ -304,8 +314,8 @@ def run(args):
     n_images = getattr(args, "data_images", None) or (4 if quick else 64)
     size = getattr(args, "data_size", None) or (320 if quick else 1080)
     batch = min(getattr(args, "data_batch", 32) or 32, n_images)
-    rep = 3 if quick else 5
-    n_ref = min(n_images, 4 if quick else 8)  # the slow reference rows time a subset
+    rep = 3 if quick else 5  # timed runs of every row (the reference rows too)
+    n_ref = min(n_images, 4 if quick else 8)  # the slow reference rows time a subset of the fields
     cpu_dev = torch.device("cpu")
     gpu_dev = torch.device("cuda") if on_gpu else None
 
@@ -349,7 +359,7 @@ def run(args):
             # ---- decode + augment, per core
             sub = paths[:n_ref]
             with _threads(1):
-                t_ref = _time(lambda: [reference(tifffile_decode(p)) for p in sub], max(1, rep - 1))
+                t_ref = _time(lambda: [reference(tifffile_decode(p)) for p in sub], rep)
                 add("decode+augment", "reference", t_ref, len(sub), "reference", t_ref[0], "1 thread")
                 t = _time(lambda: [ours(tifffile_decode(p)) for p in sub], rep)
                 add("decode+augment", "celldino_torch", t, len(sub), "reference", t_ref[0], "1 thread")
@@ -367,7 +377,7 @@ def run(args):
             provider = "loader+cuda_aug" if on_gpu else "loader+cpp_aug"
             if not (_cuda_built() if on_gpu else fused is not None):
                 add("decode+augment", provider, NAN, 0, "reference", None,
-                    "skipped: celldino._C built without " + ("CUDA" if on_gpu else "its CPU op"))
+                    "skipped: " + ("celldino._C built without CUDA" if on_gpu and fused is not None else fused_why))
             else:
                 # --data-workers, else on a GPU the trainer's default of 10 workers (fewer on small hosts), on CPU
                 # one per core
@@ -399,8 +409,7 @@ def run(args):
             t = _time(lambda: [None for _ in loader], rep, sync=True)
             add("decode", "dali_gpu", t, n_images, "tifffile", t_tiff[0],
                 f"DALI mixed backend, {threads} CPU threads, batch {batch}", device=gpu_dev)
-            gpu_aug = fused if fused is not None else multicrop_torch_batched
-            aug_name = "fused CUDA kernel" if fused is not None else "batched torch grid_sample stand-in"
+            gpu_aug, aug_name = _gpu_multicrop()
             seeds = iter(range(10**9))
 
             def gpu_epoch():

@@ -14,7 +14,6 @@ CPU (--quick) 20k x 1k x 256. Timing rows: median / p20 / p80 ms, TFLOP/s of the
 
     python -m benchmarks.run_all knn              # CSV -> benchmarks/results/knn.csv
 """
-import math
 import time
 
 import torch
@@ -25,8 +24,8 @@ from . import common
 
 def add_arguments(parser):
     parser.add_argument("--knn-shapes", nargs="*", default=None,
-                        help="NxMxD[xK] train x queries x dim x k (GPU default 1000000x100000x1024x20 "
-                             "1000000x8192x1024x20)")
+                        help="NxMxD[xK] train x queries x dim x k (GPU default, in this order: "
+                             "1000000x8192x1024x20 1000000x100000x1024x20)")
 
 
 def _shapes(args, on_gpu):
@@ -48,7 +47,7 @@ def _sync(device):
 
 
 def _time(fn, device, reps):
-    """(median, p20, p80) ms of `reps` calls after one warm-up (long-running calls: no do_bench re-runs)."""
+    """common.Timing of `reps` calls after one warm-up (long-running calls: no do_bench re-runs)."""
     fn()
     _sync(device)
     times = []
@@ -57,9 +56,7 @@ def _time(fn, device, reps):
         fn()
         _sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    med = times[len(times) // 2]
-    return med, times[max(0, int(0.2 * (len(times) - 1)))], times[min(len(times) - 1, int(math.ceil(0.8 * (len(times) - 1))))]
+    return common.summarize(times)
 
 
 def _reference_loop(train, queries, k, batch=256):
@@ -113,7 +110,7 @@ def run(args):
 
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
-    reps = 3 if on_gpu else 3
+    reps = 3  # each GPU call of the target shape takes seconds; the rows' notes say 3 timed runs
     rows = []
     faiss_search = _faiss_provider(device)
     for n_train, n_query, dim, k in _shapes(args, on_gpu):
@@ -155,16 +152,17 @@ def run(args):
             if ref_idx is None:
                 ref_idx = idx
             note = f"recall@{k} vs celldino fp32 {_recall(ref_idx, idx):.4f}"
+            # the row now, so a stop (SIGTERM) keeps it; its speed-up is filled in when the baseline is measured
+            shape_rows.append(common.row("knn", "knn_search", name, shape, dtype, "search", timing, flops=flops,
+                                         items=n_query, peak_mem_mb=peak, baseline="reference_loop",
+                                         baseline_ms=baseline_ms, device=device, note=note))
             if name == "reference_loop":
                 baseline_ms = timing[0]
-            shape_rows.append(dict(provider=name, dtype=dtype, timing=timing, peak=peak, note=note))
+                common.fill_speedups(shape_rows, baseline_ms)
             print(f"  knn {shape} {name} {str(dtype).replace('torch.', '')}: {timing[0]:.1f} ms, "
                   f"{flops / timing[0] / 1e9:.3f} TFLOP/s, {note}", flush=True)
-        for r in shape_rows:
-            rows.append(common.row("knn", "knn_search", r["provider"], shape, r["dtype"], "search", r["timing"],
-                                   flops=flops, items=n_query, peak_mem_mb=r["peak"], baseline="reference_loop",
-                                   baseline_ms=baseline_ms, device=device, note=r["note"]))
-        del train, queries
+        rows += shape_rows
+        train = queries = idx = ref_idx = None  # frees this shape's tensors before the next (the lambdas see these)
         if on_gpu:
             torch.cuda.empty_cache()
     return rows

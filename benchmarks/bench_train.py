@@ -233,29 +233,31 @@ def _profile(args, provider, step, batch, first_iteration, device, batch_size):
 
 # ---- timing ----------------------------------------------------------------------------------------------------------
 
-def _time_steps(step, batch, warmup, steps, device):
+def _time_steps(step, batch, warmup, steps, device, event=None, synchronize=None):
+    """common.Timing of `steps` consecutive steps after `warmup` untimed ones. On CUDA the host is not held back:
+    one event before the timed steps and one after each, a single synchronize at the end, each step's time the
+    gap between consecutive events (a sync-free step is timed at its steady-state rate, its distribution kept);
+    on CPU the wall time of each step. `event` / `synchronize` (default torch.cuda's) are for testing."""
+    import time
     for i in range(warmup):
         step(batch, i)
-    times = []
-    for i in range(steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = torch.cuda.Event(enable_timing=True) if device.type == "cuda" else None
-        end = torch.cuda.Event(enable_timing=True) if device.type == "cuda" else None
-        import time
-        t0 = time.perf_counter()
-        if start is not None:
-            start.record()
-        step(batch, warmup + i)
-        if end is not None:
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
+    if device.type != "cuda":
+        times = []
+        for i in range(steps):
+            t0 = time.perf_counter()
+            step(batch, warmup + i)
             times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    med = times[len(times) // 2]
-    return med, times[max(int(0.2 * len(times)) - 1, 0)], times[min(int(0.8 * len(times)), len(times) - 1)]
+        return common.summarize(times)
+    event = event or (lambda: torch.cuda.Event(enable_timing=True))
+    synchronize = synchronize or torch.cuda.synchronize
+    marks = [event() for _ in range(steps + 1)]
+    synchronize()  # the warm-up's work is not counted in the first step
+    marks[0].record()
+    for i in range(steps):
+        step(batch, warmup + i)
+        marks[i + 1].record()
+    synchronize()
+    return common.summarize([a.elapsed_time(b) for a, b in zip(marks, marks[1:])])
 
 
 def _peak_mem(device):
@@ -269,8 +271,10 @@ def _reset_mem(device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def _time_trainer(args, cfg, provider, device, batch_size, warmup, steps, profile=True):
-    """((median, p20, p80) ms, peak MB, dtype, mode) of Trainer.train_step on one fixed batch, and the step FLOPs."""
+def _time_trainer(args, cfg, provider, device, batch_size, warmup, steps, profile=True, on_timed=None):
+    """(timing, peak MB, dtype, mode) of Trainer.train_step on one fixed batch, and the step FLOPs.
+    on_timed(result, flops) runs as soon as the steps are timed, before the profiling pass (the row is made there,
+    so a time limit hitting the profile keeps it)."""
     from celldino.train.metrics import ssl_step_flops
     from celldino.train.trainer import Trainer
     out = tempfile.mkdtemp(prefix="bench_train_")
@@ -284,6 +288,8 @@ def _time_trainer(args, cfg, provider, device, batch_size, warmup, steps, profil
         timing = _time_steps(trainer.train_step, batch, trainer_warmup, steps, device)
         result = (timing, _peak_mem(device), str(trainer.plan.student["backbone"].param_dtype),
                   "compile" if trainer.plan.compile else "eager")
+        if on_timed is not None:
+            on_timed(result, flops)
         if profile:
             _profile(args, provider, trainer.train_step, batch, trainer_warmup + steps, device, batch_size)
     finally:
@@ -314,32 +320,38 @@ def run(args):
         shape = (f"{cfg.student.arch}/{cfg.student.patch_size} C={cfg.student.in_chans} B={batch_size} "
                  f"2x{cfg.crops.global_crops_size}+{cfg.crops.local_crops_number}x{cfg.crops.local_crops_size} "
                  f"K={cfg.dino.head_n_prototypes}")
-        results, notes = {}, {}
+        made = {}  # provider -> its row, made as soon as it is timed (a stop keeps it); speed-ups filled at the end
+
+        def add(provider, result, flops, extra_note=""):
+            timing, mem, dtype, mode = result
+            tflops = flops / timing[0] / 1e9
+            mfu = f"MFU {tflops / peak:.1%}" if peak else "MFU n/a (no bf16 peak for this device)"
+            is_base = provider == "reference-style"
+            made[provider] = common.row(
+                "train", "ssl_step", provider, shape, dtype, f"{mode} fwd+bwd+step", timing, flops=flops,
+                items=batch_size, peak_mem_mb=mem, baseline="" if is_base else "reference-style", device=device,
+                note=f"{1e3 / timing[0]:.2f} steps/s; {mfu}; model FLOPs {flops / 1e12:.3f} T/step"
+                     + extra_note + run_note + ("" if on_gpu else "; CPU smoke size"))
+            print(f"  train {shape} {provider}: {timing[0]:.1f} ms/step, {mfu}", flush=True)
+
         # celldino first, then its variants (each its own Trainer, closed before the next), then the baseline
-        results["celldino"], flops = _time_trainer(args, cfg, "celldino", device, batch_size, warmup, steps)
+        _, flops = _time_trainer(args, cfg, "celldino", device, batch_size, warmup, steps,
+                                 on_timed=lambda result, f: add("celldino", result, f))
         for name, overrides in variants:
             provider = f"celldino[{name}]"
             try:
-                results[provider], _ = _time_trainer(args, _cfg(args, batch_size, on_gpu, overrides), provider,
-                                                     device, batch_size, warmup, steps, profile=False)
-                notes[provider] = "; " + " ".join(overrides)
+                _time_trainer(args, _cfg(args, batch_size, on_gpu, overrides), provider, device, batch_size, warmup,
+                              steps, profile=False,
+                              on_timed=lambda result, f, p=provider, o=overrides: add(p, result, f, "; " + " ".join(o)))
             except Exception:  # noqa: BLE001 - a failing experiment must not cost the other rows
                 print(f"[train] variant {provider} failed:\n{traceback.format_exc()}", file=sys.stderr)
         ref = ReferenceStyleStep(cfg, device)
         ref_batch = make_batch(cfg, device, torch.float16 if on_gpu else torch.float32)
         timing = _time_steps(ref.train_step, ref_batch, warmup, steps, device)
-        results["reference-style"] = (timing, _peak_mem(device), "fp16-autocast" if on_gpu else "float32", "eager")
-        base_ms = results["reference-style"][0][0]
-        for provider in ["reference-style", "celldino"] + [p for p in results if p.startswith("celldino[")]:
-            timing, mem, dtype, mode = results[provider]
-            tflops = flops / timing[0] / 1e9
-            mfu = f"MFU {tflops / peak:.1%}" if peak else "MFU n/a (no bf16 peak for this device)"
-            rows.append(common.row(
-                "train", "ssl_step", provider, shape, dtype, f"{mode} fwd+bwd+step", timing, flops=flops,
-                items=batch_size, peak_mem_mb=mem, baseline="reference-style" if provider != "reference-style" else "",
-                baseline_ms=base_ms if provider != "reference-style" else None, device=device,
-                note=f"{1e3 / timing[0]:.2f} steps/s; {mfu}; model FLOPs {flops / 1e12:.3f} T/step"
-                     + notes.get(provider, "") + run_note + ("" if on_gpu else "; CPU smoke size")))
+        add("reference-style", (timing, _peak_mem(device), "fp16-autocast" if on_gpu else "float32", "eager"), flops)
+        base_ms = timing[0]
+        common.fill_speedups(made.values(), base_ms)
+        rows += [made.pop("reference-style")] + list(made.values())  # baseline first, then celldino and variants
         if not math.isfinite(base_ms):
             raise RuntimeError("reference-style step time is not finite")
         # after the rows are made, so a time limit hitting the profile still leaves this batch's rows
@@ -360,11 +372,16 @@ def _end_to_end(args, batch_size, on_gpu, device, shape, flops, peak):
     workers = train_e2e.default_workers(on_gpu) if workers is None else workers
     n_fields = getattr(args, "train_e2e_fields", None) or (128 if on_gpu else 8)
     size = getattr(args, "train_e2e_size", None) or (512 if on_gpu else 64)
-    results = train_e2e.measure(lambda extra: _cfg(args, batch_size, on_gpu, extra), ReferenceStyleStep, device,
-                                batch_size, steps, workers, n_fields, size)
-    made = train_e2e.rows(results, shape, flops, batch_size, peak, device, workers, size, n_fields, on_gpu,
-                          note_suffix=_run_note(args))
-    for r in made:
-        print(f"  train e2e {r['provider']}: {r['items_per_s'] or 'skipped'} img/s "
-              f"{('x' + str(r['speedup_vs_baseline'])) if r['speedup_vs_baseline'] else ''}", flush=True)
+    maker = train_e2e.RowMaker(shape, flops, batch_size, peak, device, workers, size, n_fields, on_gpu,
+                               note_suffix=_run_note(args))
+
+    def on_result(provider, result):  # each row as soon as its provider is measured (a stop keeps it)
+        r = maker(provider, result)
+        print(f"  train e2e {r['provider']}: {r['items_per_s'] or 'skipped'} img/s", flush=True)
+
+    train_e2e.measure(lambda extra: _cfg(args, batch_size, on_gpu, extra), ReferenceStyleStep, device, batch_size,
+                      steps, workers, n_fields, size, on_result=on_result)
+    made = maker.rows()
+    print("  train e2e speed-ups vs reference-style+data: " + ", ".join(
+        f"{r['provider']} x{r['speedup_vs_baseline']}" for r in made if r["speedup_vs_baseline"]), flush=True)
     return made

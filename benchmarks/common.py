@@ -7,6 +7,7 @@ thing they are compared with; speed-ups are ratios of those same-run medians.
 """
 import csv
 import datetime as _dt
+import math
 import os
 import statistics
 import subprocess
@@ -88,13 +89,72 @@ def reps_for(device):
     return {} if torch.device(device).type == "cuda" else {"warmup": 1, "rep": 3}
 
 
+# a timing from fewer runs than this says how many in its row's note
+FEW_RUNS = 5
+# on a GPU every bench() call gets at least this many timed runs while that fits in MAX_CUDA_REP_MS of timed calls
+MIN_CUDA_RUNS = 10
+MAX_CUDA_REP_MS = 10_000.0
+
+
+class Timing(tuple):
+    """(median, p20, p80) ms; unpacks and indexes like the plain triple. `.runs`: how many timed runs the
+    numbers come from (None: not known)."""
+
+    def __new__(cls, median, p20, p80, runs=None):
+        made = super().__new__(cls, (median, p20, p80))
+        made.runs = runs
+        return made
+
+
+def summarize(times_ms):
+    """Timing of a list of per-run times: the true median (mean of the two middle runs for an even count) and
+    p20 / p80 interpolated inside the data (statistics' inclusive method: the default exclusive one extrapolates
+    beyond the fastest / slowest run when there are few)."""
+    times = sorted(float(t) for t in times_ms)
+    if not times:
+        raise ValueError("no timed runs")
+    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) >= 2 else [times[0]] * 9
+    return Timing(statistics.median(times), q[1], q[7], len(times))
+
+
+def cuda_rep_ms(estimate_ms, rep_ms=100.0, min_runs=MIN_CUDA_RUNS, max_rep_ms=MAX_CUDA_REP_MS):
+    """do_bench's time budget for the timed runs (`rep`, ms) of a call taking about `estimate_ms`: its default
+    (100 ms) for fast calls; for slow ones enough for `min_runs` runs (do_bench makes int(rep / its own estimate)
+    runs: one run of a call over 100 ms), but no more than `max_rep_ms` (then fewer runs, noted in the row)."""
+    wanted = (min_runs + 0.5) * max(float(estimate_ms), 0.0)  # + 0.5: do_bench's estimate also clears L2
+    return max(rep_ms, min(wanted, max_rep_ms))
+
+
+def _cuda_estimate_ms(fn):
+    """One call's CUDA-event time, after one untimed call."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end)
+
+
+def _cuda_bench(fn):
+    import triton.testing
+    rep = cuda_rep_ms(_cuda_estimate_ms(fn))
+    try:
+        times = triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="all")
+    except AssertionError:  # an older Triton without return_mode="all": its quantiles, run count not known
+        med, p20, p80 = triton.testing.do_bench(fn, warmup=25, rep=rep, quantiles=[0.5, 0.2, 0.8])
+        return Timing(med, p20, p80)
+    return summarize(times)
+
+
 def bench(fn, warmup=3, rep=10, device=None):
-    """Median / p20 / p80 wall time in ms of `fn()` (CUDA-synchronised on GPU)."""
+    """Timing (median / p20 / p80 wall time in ms, and the number of timed runs) of `fn()`: on a GPU CUDA events
+    through triton's do_bench (L2 cleared before each run) with at least MIN_CUDA_RUNS runs where they fit in
+    MAX_CUDA_REP_MS (`warmup` / `rep` are for the CPU); on the CPU `warmup` untimed then `rep` timed calls."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
-        import triton.testing
-        med, p20, p80 = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
-        return med, p20, p80
+        return _cuda_bench(fn)
     for _ in range(warmup):
         fn()
     times = []
@@ -102,9 +162,7 @@ def bench(fn, warmup=3, rep=10, device=None):
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
-    times.sort()
-    q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
-    return statistics.median(times), q[1], q[7]
+    return summarize(times)
 
 
 def peak_memory_mb(fn, device=None):
@@ -127,8 +185,13 @@ ROWS_MADE = []
 
 def row(bench_name, op, provider, shape, dtype, mode, timing, *, flops=None, bytes_moved=None, items=None,
         peak_mem_mb=None, baseline=None, baseline_ms=None, device=None, note=""):
-    """One CSV row (also recorded in ROWS_MADE); throughput columns are derived from the median time."""
+    """One CSV row (also recorded in ROWS_MADE); throughput columns are derived from the median time. A Timing
+    from fewer than FEW_RUNS runs says how many in the note. Make each row as soon as its provider is measured (a
+    stop then keeps it); speed-ups of rows made before their baseline: fill_speedups."""
     med, p20, p80 = timing
+    runs = getattr(timing, "runs", None)
+    if runs is not None and runs < FEW_RUNS:
+        note = "; ".join(x for x in (note, f"{runs} timed run{'s' if runs != 1 else ''}") if x)
     made = {
         "bench": bench_name, "op": op, "provider": provider, "shape": shape, "dtype": str(dtype).replace("torch.", ""),
         "mode": mode, "median_ms": round(med, 4), "p20_ms": round(p20, 4), "p80_ms": round(p80, 4),
@@ -143,6 +206,19 @@ def row(bench_name, op, provider, shape, dtype, mode, timing, *, flops=None, byt
     }
     ROWS_MADE.append(made)
     return made
+
+
+def fill_speedups(rows, baseline_ms):
+    """Set the speed-up of every row of `rows` that names a baseline, once that baseline's median is known (rows
+    made before it was measured). The dicts are the ones ROWS_MADE holds, so a partial write has them too.
+    Rows without a finite median (skipped) and a missing / non-finite baseline are left alone."""
+    if not isinstance(baseline_ms, (int, float)) or not math.isfinite(baseline_ms) or baseline_ms <= 0:
+        return rows
+    for made in rows:
+        med = made["median_ms"]
+        if made.get("baseline") and isinstance(med, (int, float)) and math.isfinite(med) and med > 0:
+            made["speedup_vs_baseline"] = round(baseline_ms / med, 3)
+    return rows
 
 
 def write_csv(name, rows, results_dir=None):

@@ -114,16 +114,26 @@ def _to_device(device):
     return finish
 
 
-def measure(cfg_for, reference_step, device, batch_size, steps, workers, n_fields, field_size):
+PROVIDERS = ("reference-style+data", "celldino+fused_aug", "celldino+torch_aug")  # row order; the first is the baseline
+
+
+def measure(cfg_for, reference_step, device, batch_size, steps, workers, n_fields, field_size, on_result=None):
     """{provider: (mean ms, ms waiting for data) or (None, why skipped)} for the three providers (module doc).
 
     cfg_for(overrides): the benchmark config of this batch size with extra overrides; reference_step(cfg, device):
-    bench_train's ReferenceStyleStep."""
+    bench_train's ReferenceStyleStep; on_result(provider, result): called as soon as each provider is measured
+    (celldino's two first, the baseline last), so its row can be made before the next one runs (RowMaker)."""
     from celldino.data import build_dataset, fused_augment
     from celldino.train.data import augment_on_device, build_train_loader
     from celldino.train.trainer import Trainer
 
     results = {}
+
+    def done(provider, result):
+        results[provider] = result
+        if on_result is not None:
+            on_result(provider, result)
+
     tmp = tempfile.mkdtemp(prefix="bench_train_e2e_")
     try:
         spec = write_dataset(os.path.join(tmp, "fields"), n_fields, field_size, channels=4)
@@ -136,15 +146,14 @@ def measure(cfg_for, reference_step, device, batch_size, steps, workers, n_field
                          else fused_augment.extension_available())
             for provider, mode in (("celldino+fused_aug", "fused_device"), ("celldino+torch_aug", "torch")):
                 if mode == "fused_device" and not has_fused:
-                    results[provider] = (None, "skipped: celldino._C built without "
-                                               + ("CUDA" if device.type == "cuda" else "its CPU op"))
+                    done(provider, (None, "skipped: celldino._C built without "
+                                          + ("CUDA" if device.type == "cuda" else "its CPU op")))
                     continue
                 run_cfg = copy.deepcopy(trainer.cfg)
                 run_cfg.train.augmentation = mode
                 loader = build_train_loader(run_cfg, 0, device=device, dtype=dtype)
-                results[provider] = time_stream(
-                    trainer.train_step, loader, lambda b: augment_on_device(b, device, dtype), workers, steps,
-                    device)
+                done(provider, time_stream(trainer.train_step, loader, lambda b: augment_on_device(b, device, dtype),
+                                           workers, steps, device))
         finally:
             trainer.close()
             del trainer
@@ -153,8 +162,7 @@ def measure(cfg_for, reference_step, device, batch_size, steps, workers, n_field
         ref = reference_step(cfg, device)
         ref_dtype = torch.float16 if device.type == "cuda" else torch.float32
         loader = reference_loader(cfg, build_dataset(spec), workers, ref_dtype, pin=device.type == "cuda")
-        results["reference-style+data"] = time_stream(ref.train_step, loader, _to_device(device), workers, steps,
-                                                      device)
+        done("reference-style+data", time_stream(ref.train_step, loader, _to_device(device), workers, steps, device))
         del ref
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -163,25 +171,41 @@ def measure(cfg_for, reference_step, device, batch_size, steps, workers, n_field
     return results
 
 
-def rows(results, shape, flops, batch_size, peak, device, workers, field_size, n_fields, on_gpu, note_suffix=""):
-    """The `ssl_step+data` rows of `measure`'s results, speed-ups vs reference-style+data."""
-    base = results.get("reference-style+data", (None,))[0]
-    made = []
-    for provider in ("reference-style+data", "celldino+fused_aug", "celldino+torch_aug"):
-        ms, extra = results.get(provider, (None, "not run"))
-        is_base = provider == "reference-style+data"
-        setting = (f"{workers} DataLoader workers; {n_fields} 4-channel {field_size}x{field_size} uint16 TIFFs; "
-                   "mean of a steady-state span")
+class RowMaker:
+    """The `ssl_step+data` rows, each made (common.row) as soon as `measure` reports its provider (pass the maker as
+    on_result), so a stop keeps the providers already measured; the baseline, measured last, fills in the others'
+    speed-ups. rows(): all three in PROVIDERS order ("not run" rows for providers never reported)."""
+
+    def __init__(self, shape, flops, batch_size, peak, device, workers, field_size, n_fields, on_gpu, note_suffix=""):
+        self.shape, self.flops, self.batch_size, self.peak, self.device = shape, flops, batch_size, peak, device
+        self.setting = (f"{workers} DataLoader workers; {n_fields} 4-channel {field_size}x{field_size} uint16 TIFFs; "
+                        "mean of a steady-state span")
+        self.on_gpu, self.note_suffix = on_gpu, note_suffix
+        self.made = {}
+
+    def __call__(self, provider, result):
+        ms, extra = result
         if ms is None:
-            made.append(common.row("train", "ssl_step+data", provider, shape, "", "end to end", NAN,
-                                   device=device, note=f"{extra}; {setting}{note_suffix}"))
-            continue
-        tflops = flops / ms / 1e9
-        mfu = f"MFU {tflops / peak:.1%}" if peak else "MFU n/a"
-        made.append(common.row(
-            "train", "ssl_step+data", provider, shape, "", "end to end (decode + augment + step)", (ms, ms, ms),
-            flops=flops, items=batch_size, device=device, baseline="" if is_base else "reference-style+data",
-            baseline_ms=None if is_base else base,
-            note=f"{1e3 / ms:.2f} steps/s; {mfu}; waits {extra:.1f} ms/step for data; {setting}{note_suffix}"
-                 + ("" if on_gpu else "; CPU smoke size")))
-    return made
+            made = common.row("train", "ssl_step+data", provider, self.shape, "", "end to end", NAN,
+                              device=self.device, note=f"{extra}; {self.setting}{self.note_suffix}")
+        else:
+            is_base = provider == PROVIDERS[0]
+            mfu = f"MFU {self.flops / ms / 1e9 / self.peak:.1%}" if self.peak else "MFU n/a"
+            made = common.row(
+                "train", "ssl_step+data", provider, self.shape, "", "end to end (decode + augment + step)",
+                (ms, ms, ms), flops=self.flops, items=self.batch_size, device=self.device,
+                baseline="" if is_base else PROVIDERS[0],
+                note=f"{1e3 / ms:.2f} steps/s; {mfu}; waits {extra:.1f} ms/step for data; {self.setting}"
+                     f"{self.note_suffix}" + ("" if self.on_gpu else "; CPU smoke size"))
+            if is_base:  # measured last: the others' speed-ups
+                common.fill_speedups(self.made.values(), ms)
+            elif PROVIDERS[0] in self.made:
+                common.fill_speedups([made], self.made[PROVIDERS[0]]["median_ms"])
+        self.made[provider] = made
+        return made
+
+    def rows(self):
+        for provider in PROVIDERS:
+            if provider not in self.made:
+                self(provider, (None, "not run"))
+        return [self.made[p] for p in PROVIDERS]

@@ -7,8 +7,6 @@ import signal
 import sys
 import types
 
-import pytest
-
 from celldino.benchmarks import common, run_all
 
 

@@ -173,3 +173,89 @@ def test_gpu_breakdown_counts_device_events_once():
     assert table["matmul/GEMM"] == pytest.approx((0.15, 60.0))
     assert table["attention"] == pytest.approx((0.05, 20.0)) and table["copies/memset"] == pytest.approx((0.05, 20.0))
     assert table["other"] == (0.0, 0.0)
+
+
+# ---- timing logic and partial runs ------------------------------------------------------------------------------------
+
+def test_cuda_step_timing_syncs_once_and_keeps_each_steps_time():
+    """The CUDA branch, with fake events on a fake GPU clock: no synchronize between timed steps (the host may run
+    ahead), per-step times from consecutive events, so the distribution is kept."""
+    clock = {"t": 0.0, "syncs": []}
+    durations = iter([9.0, 4.0, 1.0, 3.0, 2.0])  # one warm-up step, then four timed ones (ms)
+
+    class Event:
+        def record(self):
+            self.t = clock["t"]
+
+        def elapsed_time(self, other):
+            return other.t - self.t
+
+    steps_seen = []
+
+    def step(batch, iteration):
+        steps_seen.append((iteration, len(clock["syncs"])))
+        clock["t"] += next(durations)
+
+    timing = bench_train._time_steps(step, None, 1, 4, torch.device("cuda"), event=Event,
+                                     synchronize=lambda: clock["syncs"].append(clock["t"]))
+    assert clock["syncs"] == [9.0, 19.0]  # after the warm-up and at the end, never per step
+    assert [i for i, _ in steps_seen] == [0, 1, 2, 3, 4] and [n for _, n in steps_seen[1:]] == [1, 1, 1, 1]
+    assert tuple(timing) == pytest.approx((2.5, 1.6, 3.4)) and timing.runs == 4
+
+
+def _run_all_train(tmp_path, **extra):
+    from celldino.benchmarks import run_all
+    args = argparse.Namespace(names=["train"], quick=True, results_dir=str(tmp_path), no_report=True, train_batch=[2],
+                              train_steps=1, **extra)
+    try:
+        return run_all.main(args)
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def _csv(path):
+    import csv
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_stop_in_celldinos_profiling_pass_keeps_its_row(monkeypatch, tmp_path):
+    import os
+    import signal
+
+    def profile(args, provider, *rest):
+        if provider == "celldino":  # a time limit hits the profile of the first provider
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(bench_train, "_profile", profile)
+    assert _run_all_train(tmp_path, train_e2e_steps=0) == 1
+    rows = _csv(tmp_path / "train.csv")
+    assert [r["provider"] for r in rows] == ["celldino"] and float(rows[0]["median_ms"]) > 0
+    assert rows[0]["baseline"] == "reference-style" and rows[0]["speedup_vs_baseline"] == ""
+    assert rows[0]["note"].endswith("partial run (stopped)")
+
+
+def test_stop_after_the_first_end_to_end_provider_keeps_its_row(monkeypatch, tmp_path):
+    import os
+    import signal
+
+    from celldino.benchmarks import train_e2e
+    real, calls = train_e2e.time_stream, []
+
+    def time_stream(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:  # the second end-to-end provider starts: a time limit stops the run
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+
+    monkeypatch.setattr(train_e2e, "time_stream", time_stream)
+    from celldino.data import fused_augment
+    assert _run_all_train(tmp_path, train_e2e_steps=1) == 1
+    rows = _csv(tmp_path / "train.csv")
+    # without celldino._C the fused provider is a skipped row and the torch one is the first measured
+    e2e_rows = ["celldino+fused_aug"] + ([] if fused_augment.extension_available() else ["celldino+torch_aug"])
+    assert [r["provider"] for r in rows] == ["celldino", "reference-style"] + e2e_rows
+    assert float(rows[0]["speedup_vs_baseline"]) > 0  # the step rows were complete before the stop
+    e2e = rows[-1]
+    assert float(e2e["median_ms"]) > 0 and e2e["speedup_vs_baseline"] == "" and "waits" in e2e["note"]
+    assert e2e["note"].endswith("partial run (stopped)")
