@@ -1,8 +1,61 @@
-"""Markdown report (benchmarks/results/REPORT.md) with one table and one plot per benchmark CSV."""
+"""Markdown report (benchmarks/results/REPORT.md) with one table and one plot per benchmark CSV.
+
+A benchmark whose latest run failed or stopped before measuring any row leaves `<name>.failed` beside its older
+CSV (run_all); the report then says so instead of showing that older CSV as this run's.
+"""
 import csv
+import math
 from pathlib import Path
 
+from celldino.files import atomic_write_text
+
 from . import common
+
+FAILED_SUFFIX = ".failed"
+TABLE_COLUMNS = ["op", "provider", "shape", "dtype", "mode", "median_ms", "tflops", "gbps", "items_per_s",
+                 "peak_mem_mb", "speedup_vs_baseline", "baseline", "note"]
+
+
+def cell(value):
+    """A markdown table cell: `|` escaped (a note such as "max|out - ref|" would split the row), one line."""
+    return ("" if value is None else str(value)).replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+
+
+def representative(rows):
+    """The row whose device / torch / commit head a section: the first GPU row when any row ran on a GPU (data's
+    first rows time CPU decoding even on a GPU host), else the first row."""
+    return next((r for r in rows if not str(r.get("device", "")).startswith("cpu")), rows[0])
+
+
+def _note_fields(note):
+    return [f.strip() for f in str(note or "").replace(";", ",").split(",") if f.strip()]
+
+
+def plot_labels(rows):
+    """One x label per row: op | shape | dtype | mode, plus the note fields that tell apart rows of one provider that
+    would otherwise share a label (augment's fp32-out / bf16-out `cpp` rows), so no bar hides another."""
+    base = [" | ".join(str(r[k]) for k in ("op", "shape", "dtype", "mode") if r.get(k)) for r in rows]
+    groups = {}
+    for i, r in enumerate(rows):
+        groups.setdefault((r.get("provider"), base[i]), []).append(i)
+    labels = list(base)
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        fields = [_note_fields(rows[i].get("note")) for i in members]
+        common_fields = set.intersection(*(set(f) for f in fields))
+        for i, f in zip(members, fields):
+            own = [x for x in f if x not in common_fields]
+            labels[i] = f"{base[i]} | {', '.join(own)}" if own else base[i]
+    return labels
+
+
+def _median(row):
+    try:
+        value = float(row["median_ms"])
+    except (TypeError, ValueError):
+        return 0.0
+    return value if math.isfinite(value) else 0.0
 
 
 def _plot(name, rows, out_dir):
@@ -12,27 +65,33 @@ def _plot(name, rows, out_dir):
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    labels = [f"{r['op']}|{r['shape']}|{r['mode']}" for r in rows]
+    labels = plot_labels(rows)
     providers = sorted({r["provider"] for r in rows})
     groups = sorted(set(labels), key=labels.index)
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(groups) * len(providers)), 4))
+    longest = max(len(g) for g in groups)  # the rotated x labels need room below the bars
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(groups) * len(providers)), 3 + 0.06 * longest))
     width = 0.8 / max(1, len(providers))
     for i, provider in enumerate(providers):
         ys = []
         for g in groups:
-            match = [float(r["median_ms"]) for r, lab in zip(rows, labels) if lab == g and r["provider"] == provider]
+            match = [_median(r) for r, lab in zip(rows, labels) if lab == g and r["provider"] == provider]
             ys.append(match[0] if match else 0.0)
         ax.bar([j + i * width for j in range(len(groups))], ys, width, label=provider)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
     ax.set_xticklabels(groups, rotation=45, ha="right", fontsize=7)
     ax.set_ylabel("median time (ms), lower is better")
-    ax.set_title(f"{name} on {rows[0]['device']}")
+    ax.set_title(f"{name} on {representative(rows)['device']}")
     ax.legend(fontsize=7)
     fig.tight_layout()
     path = Path(out_dir) / f"{name}.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path.name
+
+
+def _read(path):
+    with open(path) as handle:
+        return list(csv.DictReader(handle))
 
 
 def write_report(results_dir=None):
@@ -42,23 +101,28 @@ def write_report(results_dir=None):
              "run on the same device (the end-to-end `ssl_step+data` rows: of steady-state means, which their "
              "median column holds). CPU rows are smoke sizes that keep the scripts alive; only GPU rows speak "
              "to performance.", ""]
-    for path in sorted(results_dir.glob("*.csv")):
-        with open(path) as handle:
-            rows = list(csv.DictReader(handle))
+    failed = {p.name[:-len(FAILED_SUFFIX)]: p for p in results_dir.glob(f"*{FAILED_SUFFIX}")}
+    for name in sorted(set(failed) | {p.stem for p in results_dir.glob("*.csv")}):
+        if name in failed:
+            why = failed[name].read_text().strip()
+            older = " An older `" + name + ".csv` in this directory is not from that run and is not shown." \
+                if (results_dir / f"{name}.csv").exists() else ""
+            lines += [f"## {name}", "", f"No rows: {cell(why)}.{older}", ""]
+            continue
+        rows = _read(results_dir / f"{name}.csv")
         if not rows:
             continue
-        lines += [f"## {path.stem}", "", f"device: {rows[0]['device']}; torch {rows[0]['torch']}, "
-                  f"triton {rows[0]['triton']}; commit {rows[0]['commit']}; {rows[0]['date']}", ""]
-        cols = ["op", "provider", "shape", "dtype", "mode", "median_ms", "tflops", "gbps", "items_per_s",
-                "peak_mem_mb", "speedup_vs_baseline", "baseline", "note"]
-        lines.append("| " + " | ".join(cols) + " |")
-        lines.append("|" + "---|" * len(cols))
+        head = representative(rows)
+        lines += [f"## {name}", "", f"device: {head['device']}; torch {head['torch']}, triton {head['triton']}; "
+                  f"commit {head['commit']}; {head['date']}", ""]
+        lines.append("| " + " | ".join(TABLE_COLUMNS) + " |")
+        lines.append("|" + "---|" * len(TABLE_COLUMNS))
         for r in rows:
-            lines.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
-        plot = _plot(path.stem, rows, results_dir)
+            lines.append("| " + " | ".join(cell(r.get(c, "")) for c in TABLE_COLUMNS) + " |")
+        plot = _plot(name, rows, results_dir)
         if plot:
-            lines += ["", f"![{path.stem}]({plot})"]
+            lines += ["", f"![{name}]({plot})"]
         lines.append("")
     out = results_dir / "REPORT.md"
-    out.write_text("\n".join(lines))
+    atomic_write_text(out, "\n".join(lines))
     return out

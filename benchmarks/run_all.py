@@ -6,12 +6,16 @@
 On CPU each benchmark runs small sizes so it never rots; on a GPU the real DINOv2 / Cell-DINO shapes.
 """
 import argparse
+import datetime as _dt
 import importlib
 import signal
 import sys
 import traceback
+from pathlib import Path
 
 import torch
+
+from celldino.files import atomic_write_text
 
 from . import common
 
@@ -40,10 +44,29 @@ def _stop(signum, frame):
     raise Stopped(f"signal {signum}")
 
 
-def _write_partial(name, args, why):
-    """Rows a benchmark made before it stopped, each noted as partial; None when it made none."""
+def _failed_marker(name, args):
+    from .report import FAILED_SUFFIX
+    return Path(args.results_dir) / f"{name}{FAILED_SUFFIX}"
+
+
+def _write_rows(name, args, rows):
+    """<name>.csv, and no `<name>.failed` marker (the rows are this run's)."""
+    path = common.write_csv(name, rows, args.results_dir)
+    _failed_marker(name, args).unlink(missing_ok=True)
+    return path
+
+
+def _write_partial(name, args, why, detail=""):
+    """Rows a benchmark made before it stopped, each noted as partial; None when it made none: then an older
+    <name>.csv stays but `<name>.failed` says the latest run measured nothing, so the report does not show that
+    CSV as this run's."""
     rows = [dict(r, note=f"{r['note']}; partial run ({why})".lstrip("; ")) for r in common.ROWS_MADE]
-    return common.write_csv(name, rows, args.results_dir) if rows else None
+    if rows:
+        return _write_rows(name, args, rows)
+    stamp = _dt.datetime.now().isoformat(timespec="seconds")
+    atomic_write_text(_failed_marker(name, args),
+                      f"{why} before measuring any row ({stamp}){': ' + detail if detail else ''}\n")
+    return None
 
 
 def main(args):
@@ -73,6 +96,8 @@ def _run_each(names, args, failures):
         except ImportError as exc:
             print(f"[{name}] not available: {exc}", file=sys.stderr)
             failures.append(name)
+            common.ROWS_MADE.clear()
+            _write_partial(name, args, "failed", f"not importable: {exc}")
             continue
         print(f"[{name}] running on {common.device_name()} ...", flush=True)
         common.ROWS_MADE.clear()
@@ -80,14 +105,16 @@ def _run_each(names, args, failures):
             rows = module.run(args)
         except Stopped as stop:  # write what was measured, run nothing more
             failures.append(name)
-            print(f"[{name}] stopped ({stop}); partial rows -> {_write_partial(name, args, 'stopped')}", flush=True)
+            print(f"[{name}] stopped ({stop}); partial rows -> {_write_partial(name, args, 'stopped', str(stop))}",
+                  flush=True)
             return
-        except Exception:  # keep going: one broken benchmark must not hide the others
+        except Exception as exc:  # keep going: one broken benchmark must not hide the others
             traceback.print_exc()
             failures.append(name)
-            print(f"[{name}] failed; partial rows -> {_write_partial(name, args, 'failed')}", flush=True)
+            why = f"{type(exc).__name__}: {exc}"[:300]
+            print(f"[{name}] failed; partial rows -> {_write_partial(name, args, 'failed', why)}", flush=True)
             continue
-        path = common.write_csv(name, rows, args.results_dir)
+        path = _write_rows(name, args, rows)
         print(f"[{name}] {len(rows)} rows -> {path}")
 
 
