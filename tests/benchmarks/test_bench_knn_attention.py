@@ -41,7 +41,13 @@ def test_knn_rows_made_before_the_baseline_get_their_speedup():
 
 
 def test_flex_config_is_scoped_to_the_flex_provider(monkeypatch):
-    monkeypatch.setattr(functorch_config, "donated_buffer", True)
+    """Buffer donation is off only while flex runs (the config is patched, never monkeypatched: undoing a
+    monkeypatch of torch's config module hid the setting from every later compile in the process)."""
+    with functorch_config.patch(donated_buffer=True):
+        _check_flex_scope(monkeypatch)
+
+
+def _check_flex_scope(monkeypatch):
     with bench_attention.provider_context("flex"):
         assert functorch_config.donated_buffer is False
     assert functorch_config.donated_buffer is True
