@@ -166,15 +166,13 @@ def config_differences(old, new, ignore=("train.output_dir",)):
     """[(key, old value, new value)] for the leaf keys whose values differ between two configs (a key only one
     of them has counts, with None on the other side)."""
     def flat(cfg):
+        values = OmegaConf.to_container(cfg, resolve=True)  # interpolations (${sample_data:...}) resolved
         out = {}
-
-        def walk(node, prefix):
-            for key, value in node.items():
-                if isinstance(value, dict):
-                    walk(value, f"{prefix}{key}.")
-                else:
-                    out[f"{prefix}{key}"] = value
-        walk(OmegaConf.to_container(cfg, resolve=True), "")
+        for key in _flat_keys(cfg):
+            node = values
+            for part in key.split("."):
+                node = node[part]
+            out[key] = node
         return out
     a, b = flat(old), flat(new)
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if k not in ignore and a.get(k) != b.get(k)]
