@@ -76,6 +76,15 @@ class ImageInfo:
     channel_names: Optional[tuple]
 
 
+def _existing_image_format(path) -> str:
+    """image_format(path) of a file that must exist (a zarr store is a directory): the readers' shared check."""
+    kind = image_format(path)
+    if kind != "zarr" and not os.path.isfile(path):
+        raise ImageNotFoundError(path, "file not found" if not os.path.exists(path) else
+                                 "is a directory, not an image file" if os.path.isdir(path) else "not a regular file")
+    return kind
+
+
 def image_format(path) -> str:
     """'tiff' | 'png' | 'pil' | 'npy' | 'zarr', from the extension, else from the first bytes."""
     p = os.fspath(path)
@@ -397,10 +406,7 @@ def read_image_and_names(
     path = os.fspath(path)
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r}: expected one of {LAYOUTS}")
-    kind = image_format(path)
-    if kind != "zarr" and not os.path.isfile(path):
-        raise ImageNotFoundError(path, "file not found" if not os.path.exists(path) else
-                                 "is a directory, not an image file" if os.path.isdir(path) else "not a regular file")
+    kind = _existing_image_format(path)
     names = None
     if kind == "tiff":
         arr, axes, names = _read_tiff(path, series, channels_first=layout == "auto")
@@ -483,10 +489,7 @@ def probe_image(path, *, layout: str = "auto", tiles: Optional[int] = None, seri
     """Shape (C, H, W), dtype and channel names without decoding pixels where the format allows it
     (TIFF, .npy, zarr); PNG and other PIL formats are decoded."""
     path = os.fspath(path)
-    kind = image_format(path)
-    if kind != "zarr" and not os.path.isfile(path):
-        raise ImageNotFoundError(path, "file not found" if not os.path.exists(path) else
-                                 "is a directory, not an image file" if os.path.isdir(path) else "not a regular file")
+    kind = _existing_image_format(path)
     if kind == "tiff":
         shape, axes, dtype, names = _read_tiff(path, series, header_only=True)
         if len(shape) == 2 and layout == "strip" or len(shape) == 3 and layout in ("chw", "hwc"):
