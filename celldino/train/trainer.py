@@ -212,6 +212,7 @@ class Trainer:
         self.writer = MetricsWriter(self.output_dir, cfg, enabled=self.is_main)
         self.writer.drop_from(self.start_iter)  # lines logged after the last checkpoint are computed again
         self._signal = None
+        self._signal_reported = False
         self._previous_handlers = {}
 
     # ---- one step ----------------------------------------------------------------------------------------------
@@ -255,8 +256,9 @@ class Trainer:
     # ---- signals -------------------------------------------------------------------------------------------------
 
     def _on_signal(self, signum, frame):
+        # only a flag: logging from a signal handler can land inside the main thread's own write to the log
+        # (a reentrant BufferedWriter call), and the record is then dropped; _flush says it
         self._signal = signum
-        logger.warning("received %s: will checkpoint and stop at the next log point", signal.Signals(signum).name)
 
     def _install_signal_handlers(self):
         for name in STOP_SIGNALS:
@@ -279,6 +281,9 @@ class Trainer:
         """Reduce the pending per-iteration losses over ranks (one all-reduce), stop on NaN/inf, update the
         meters; returns (per-iteration reduced loss rows, the stop signal any rank received or None). The signal
         travels by kind, so every rank (rank 0 requeues the SLURM job) learns which one arrived, wherever it did."""
+        if self._signal is not None and not self._signal_reported:
+            self._signal_reported = True
+            logger.warning("received %s: will checkpoint and stop now", signal.Signals(self._signal).name)
         flags = torch.tensor([1.0 if self._signal == getattr(signal, name, None) else 0.0 for name in STOP_SIGNALS],
                              device=self.device)
         values = torch.stack([t for _, t, _ in pending]) if pending else flags.new_zeros((0, 0))
