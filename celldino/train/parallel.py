@@ -8,11 +8,14 @@
   cross-entropies compiled with dynamic row counts (`compile_cross_entropy`);
 - FSDP2 `fully_shard` per block and at the root of each of student/teacher x {backbone, dino_head, ibot_head},
   with the MixedPrecisionPolicy and reshard behaviour (ZeRO-2 / ZeRO-3) of the plan; the packed multi-crop entry
-  points (`forward_features_list`, `forward_features`) are registered as FSDP forward methods.
+  points (`forward_features_list`, `forward_features`) are registered as FSDP forward methods. The mesh is 1-D
+  over every rank, or 2-D (replicate, shard) for HSDP (`train.fsdp_shard_size`, or the reference's hybrid /
+  NO_SHARD strategies).
 Without a process group (a single CPU process) the model is moved to the device and not sharded.
 """
 import functools
 import logging
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +28,9 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 # reference sharding_strategy -> reshard_after_forward (FSDP1 SHARD_GRAD_OP is ZeRO-2, FULL_SHARD ZeRO-3)
 RESHARD = {"SHARD_GRAD_OP": False, "FULL_SHARD": True, "NO_SHARD": False, "HYBRID_SHARD": True,
            "_HYBRID_SHARD_ZERO2": False, "zero2": False, "zero3": True}
+# ... and -> over how many ranks each parameter is sharded (the rest of the world holds replicas): FSDP1's hybrid
+# strategies shard within a node and replicate across nodes, NO_SHARD replicates everywhere (DDP)
+SHARD_GROUP = {"HYBRID_SHARD": "node", "_HYBRID_SHARD_ZERO2": "node", "NO_SHARD": "none"}
 
 
 @dataclass
@@ -42,6 +48,7 @@ class ParallelPlan:
     compile_mode: str = "default"
     activation_checkpointing: str = "none"
     fsdp_blocks_per_unit: int = 1                # blocks sharded together (fewer units: less per-module host work)
+    fsdp_shard_size: int = None                  # ranks per shard group (HSDP when below the world size; None: all)
     autocast_dtype: torch.dtype = None          # plain (unsharded) runs in bf16/fp16: autocast instead of FSDP MP
     grad_scaler: bool = False
     student: dict = field(default_factory=dict)  # submodule name -> PrecisionPlan
@@ -82,6 +89,42 @@ def fsdp_setting(cfg):
     return _truthy(cfg.train.get("fsdp", "auto"), auto=None)
 
 
+def _world_sizes():
+    """(world size, processes per node) of this run (torchrun and submitit export LOCAL_WORLD_SIZE)."""
+    from .distributed import world_size
+    world = world_size()
+    return world, int(os.environ.get("LOCAL_WORLD_SIZE", world))
+
+
+def fsdp_shard_size(cfg, world, local_world):
+    """How many ranks shard each parameter (train.fsdp_shard_size); world // that many replicas hold a copy each
+    and average their gradients (HSDP). auto: from the reference's sharding_strategy when compute_precision.sharding
+    is auto (HYBRID_SHARD / _HYBRID_SHARD_ZERO2: the processes of one node, NO_SHARD: 1, else every rank), every
+    rank otherwise."""
+    value = cfg.train.get("fsdp_shard_size", "auto")
+    if value is None or str(value).lower() == "auto":
+        size = world
+        if str(cfg.compute_precision.get("sharding", "auto")) == "auto":
+            cp = cfg.compute_precision
+            groups = {SHARD_GROUP.get(str(cp[role][name].sharding_strategy), "all")
+                      for role in ("student", "teacher") for name in ("backbone", "dino_head", "ibot_head")}
+            if len(groups) > 1:
+                raise ValueError("compute_precision.{student,teacher}.*.sharding_strategy mix hybrid / NO_SHARD / "
+                                 "sharded strategies; celldino shards every module over one device mesh: make them "
+                                 "agree or set train.fsdp_shard_size")
+            size = {"node": local_world, "none": 1, "all": world}[groups.pop()]
+        where = f"the processes per node (LOCAL_WORLD_SIZE={local_world})"
+    else:
+        try:
+            size = int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"train.fsdp_shard_size: expected auto or a number of ranks, got {value!r}") from None
+        where = "train.fsdp_shard_size"
+    if size < 1 or world % size:
+        raise ValueError(f"{where}: {size} ranks per shard group do not divide the {world} processes of this run")
+    return size
+
+
 def make_plan(cfg, device, distributed):
     """The ParallelPlan of a config (compute_precision.* and train.* keys) on `device`.
 
@@ -111,6 +154,8 @@ def make_plan(cfg, device, distributed):
     if plan.activation_checkpointing not in ("none", "full", "selective"):
         raise ValueError(f"train.activation_checkpointing: expected none, full or selective, "
                          f"got {plan.activation_checkpointing!r}")
+    if fsdp:
+        plan.fsdp_shard_size = fsdp_shard_size(cfg, *_world_sizes())
     for role in ("student", "teacher"):
         plans = {}
         for name in ("backbone", "dino_head", "ibot_head"):
@@ -223,8 +268,7 @@ def parallelize(model, plan, device, mesh=None):
         return model
     from torch.distributed.fsdp import register_fsdp_forward_method
     if mesh is None:
-        from torch.distributed.device_mesh import init_device_mesh
-        mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+        mesh = device_mesh(device, plan.fsdp_shard_size)
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.student.modules()):
         raise NotImplementedError("batch norm in the heads is not supported with sharding (as the reference)")
     for role, plans in (("student", plan.student), ("teacher", plan.teacher)):
@@ -235,7 +279,21 @@ def parallelize(model, plan, device, mesh=None):
         register_fsdp_forward_method(modules.backbone, "forward_features_list")
         register_fsdp_forward_method(modules.backbone, "forward_features")
     # the losses' buffers (centers) stay replicated plain tensors
-    logger.info("FSDP2: student and teacher sharded per block over %d ranks (student backbone %s params, "
-                "%s reduce, reshard after forward %s)", mesh.size(), plan.student["backbone"].param_dtype,
+    replicas = mesh.size(0) if mesh.ndim == 2 else 1
+    logger.info("FSDP2: student and teacher sharded per block over %d ranks%s (student backbone %s params, "
+                "%s reduce, reshard after forward %s)", mesh.size(mesh.ndim - 1),
+                f", {replicas} replicas (HSDP)" if replicas > 1 else "", plan.student["backbone"].param_dtype,
                 plan.student["backbone"].reduce_dtype, plan.student["backbone"].reshard_after_forward)
     return model
+
+
+def device_mesh(device, shard_size=None):
+    """The data-parallel mesh: 1-D over every rank (FSDP), or 2-D (replicate, shard) when parameters are sharded
+    over `shard_size` ranks and replicated across the world // shard_size groups (HSDP: FSDP2 reduce-scatters
+    inside a group, then all-reduces across groups). Ranks r*shard_size .. (r+1)*shard_size-1 form a group, so
+    with torchrun's node-major ranks a group of LOCAL_WORLD_SIZE is one node."""
+    from torch.distributed.device_mesh import init_device_mesh
+    world = torch.distributed.get_world_size()
+    if shard_size is None or shard_size == world:
+        return init_device_mesh(device.type, (world,))
+    return init_device_mesh(device.type, (world // shard_size, shard_size), mesh_dim_names=("replicate", "shard"))

@@ -74,8 +74,12 @@ def main():
     cfg = tiny_cfg(*spec["overrides"])
     trainer = Trainer(cfg, spec["output_dir"], resume=spec.get("resume", True))
     from torch.distributed.tensor import DTensor
+    student = list(trainer.model.student.parameters())
     result = {"rank": rank, "world": world, "start_iteration": trainer.start_iter,
-              "sharded": any(isinstance(p, DTensor) for p in trainer.model.student.parameters())}
+              "sharded": any(isinstance(p, DTensor) for p in student),
+              # (replicas, shard size) of the student's device mesh: [world] for FSDP, [r, s] for HSDP
+              "mesh_shape": list(student[0].device_mesh.shape) if isinstance(student[0], DTensor) else None,
+              "placements": [type(p).__name__ for p in student[0].placements] if isinstance(student[0], DTensor) else None}
     try:
         if spec.get("compare_teacher"):
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

@@ -80,6 +80,34 @@ def test_two_ranks_match_one_rank_on_the_same_global_batch(tmp_path):
             assert got == pytest.approx(want, rel=1e-5)
 
 
+def test_hsdp_and_no_shard_match_one_rank_on_the_same_global_batch(tmp_path):
+    """HSDP: 4 ranks as 2 replicas x 2-rank shard groups (train.fsdp_shard_size=2), and the reference's NO_SHARD
+    strategy on 2 ranks (every rank a full replica, gradients all-reduced): both give the 1-process losses of the same
+    global batch of 8 (tolerance as the 2-rank FSDP test), with the parameters on the mesh asked for."""
+    common = ["train.centering=sinkhorn_knopp", "dino.koleo_distributed=true", "optim.epochs=1",
+              "train.OFFICIAL_EPOCH_LENGTH=3", "evaluation.eval_period_iterations=0", "optim.base_lr=0.05",
+              "train.checkpoint_period=100", "student.layerscale=1.0"]
+    from _dist_worker import synthetic_batches
+    trainer = Trainer(tiny_cfg(*common, "train.batch_size_per_gpu=8"), tmp_path / "one")
+    try:
+        reference = trainer.run(synthetic_batches(trainer.cfg, 0, 1, trainer.max_iter))["loss_history"]
+    finally:
+        trainer.close()
+    no_shard = [f"compute_precision.{role}.{name}.sharding_strategy=NO_SHARD"
+                for role in ("student", "teacher") for name in ("backbone", "dino_head", "ibot_head")]
+    runs = (("hsdp", 4, ["train.fsdp_shard_size=2", "train.batch_size_per_gpu=2"], [2, 2]),
+            ("no_shard", 2, no_shard + ["train.batch_size_per_gpu=4"], [2, 1]))
+    for name, world, extra, mesh_shape in runs:
+        results = _run_ranks(tmp_path, world, {"overrides": common + extra, "output_dir": str(tmp_path / name),
+                                               "synthetic": True})
+        for result in results:
+            assert result["mesh_shape"] == mesh_shape, name
+            assert result["placements"] == ["Replicate", "Shard"], name
+            assert [it for it, _ in result["loss_history"]] == [0, 1, 2], name
+            for (_, got), (_, want) in zip(result["loss_history"], reference):
+                assert got == pytest.approx(want, rel=1e-5), name
+
+
 def test_one_process_fsdp2_trains_like_the_unsharded_process(tmp_path):
     """train.fsdp=true in one process: FSDP2 on a 1-rank group (bench_train_fsdp's setting) gives the unsharded
     process's losses (fp32, CPU) to 1e-5 relative over 4 steps, with the student really sharded (DTensors), also
@@ -133,6 +161,28 @@ def test_checkpoint_moves_between_world_sizes(tmp_path):
                                        "compare_teacher": str(out / "eval" / "training_3" / "teacher_checkpoint.pth")})
     assert results[0]["start_iteration"] == 4 and results[0]["teacher_equal"] is True
     assert all(r["stopped"] == "finished" and r["end_iteration"] == 6 for r in results)
+
+
+def test_an_hsdp_checkpoint_resumes_in_one_process(tmp_path):
+    """A checkpoint of 4 ranks as 2 replicas x 2 shards (DCP writes each shard once) loads into one unsharded
+    process: the teacher equals the one the HSDP run exported, the optimizer state is there, training goes on."""
+    out = tmp_path / "run"
+    common = ["optim.epochs=1", "train.OFFICIAL_EPOCH_LENGTH=4", "evaluation.eval_period_iterations=2",
+              "train.batch_size_per_gpu=2"]
+    results = _run_ranks(tmp_path, 4, {"overrides": common + ["train.stop_after_iters=2", "train.fsdp_shard_size=2"],
+                                       "output_dir": str(out)})
+    assert all(r["mesh_shape"] == [2, 2] and r["end_iteration"] == 2 for r in results)
+    trainer = Trainer(tiny_cfg(*common), out)
+    try:
+        assert trainer.start_iter == 2
+        saved = torch.load(out / "eval" / "training_1" / "teacher_checkpoint.pth", weights_only=True)["teacher"]
+        state = trainer.model.teacher.state_dict()
+        assert sorted(saved) == sorted(state) and all(torch.equal(saved[k], state[k]) for k in saved)
+        optim_state = trainer.optimizer.state_dict()["state"]
+        assert optim_state and all(int(s["step"]) == 2 for s in optim_state.values())
+        assert trainer.run()["end_iteration"] == 4
+    finally:
+        trainer.close()
 
 
 def test_an_inf_loss_on_one_rank_stops_every_rank(tmp_path):

@@ -5,7 +5,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from celldino.train.metrics import SmoothedValue, _linear_flops_per_row, backbone_forward_flops, ssl_step_flops
-from celldino.train.parallel import make_plan
+from celldino.train.parallel import fsdp_shard_size, make_plan
 from celldino.train.ssl_meta_arch import SSLMetaArch
 from celldino.train.trainer import run_training
 
@@ -131,3 +131,29 @@ def test_compile_mode_reaches_every_block(monkeypatch):
         assert seen == [expected] * 4  # 2 student + 2 teacher blocks
     with pytest.raises(ValueError, match="train.compile_mode: expected one of"):
         make_plan(tiny_cfg("train.compile_mode=fast"), torch.device("cpu"), distributed=False)
+
+
+def test_fsdp_shard_size_follows_the_reference_strategies():
+    """train.fsdp_shard_size=auto maps the reference's FSDP1 strategies onto the mesh: HYBRID_SHARD and
+    _HYBRID_SHARD_ZERO2 shard within a node (LOCAL_WORLD_SIZE ranks), NO_SHARD replicates (1), the others shard
+    over every rank; compute_precision.sharding=zero2/zero3 and an explicit size take precedence; sizes that do not
+    divide the world and mixed strategies are refused, naming the key."""
+    def every(strategy):
+        return [f"compute_precision.{role}.{name}.sharding_strategy={strategy}"
+                for role in ("student", "teacher") for name in ("backbone", "dino_head", "ibot_head")]
+    assert fsdp_shard_size(tiny_cfg(), 16, 8) == 16
+    assert fsdp_shard_size(tiny_cfg(*every("HYBRID_SHARD")), 16, 8) == 8
+    assert fsdp_shard_size(tiny_cfg(*every("_HYBRID_SHARD_ZERO2")), 16, 8) == 8
+    assert fsdp_shard_size(tiny_cfg(*every("NO_SHARD")), 16, 8) == 1
+    assert fsdp_shard_size(tiny_cfg(*every("FULL_SHARD")), 16, 8) == 16
+    assert fsdp_shard_size(tiny_cfg(*every("HYBRID_SHARD"), "compute_precision.sharding=zero3"), 16, 8) == 16
+    assert fsdp_shard_size(tiny_cfg("train.fsdp_shard_size=4"), 16, 8) == 4
+    with pytest.raises(ValueError, match="train.fsdp_shard_size: 3 ranks per shard group do not divide the 16"):
+        fsdp_shard_size(tiny_cfg("train.fsdp_shard_size=3"), 16, 8)
+    with pytest.raises(ValueError, match="LOCAL_WORLD_SIZE=6"):
+        fsdp_shard_size(tiny_cfg(*every("HYBRID_SHARD")), 16, 6)
+    with pytest.raises(ValueError, match="train.fsdp_shard_size: expected auto or a number"):
+        fsdp_shard_size(tiny_cfg("train.fsdp_shard_size=node"), 16, 8)
+    mixed = every("SHARD_GRAD_OP")[:-1] + ["compute_precision.teacher.ibot_head.sharding_strategy=NO_SHARD"]
+    with pytest.raises(ValueError, match="make them agree or set train.fsdp_shard_size"):
+        fsdp_shard_size(tiny_cfg(*mixed), 16, 8)
