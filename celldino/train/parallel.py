@@ -16,6 +16,7 @@ Without a process group (a single CPU process) the model is moved to the device 
 import functools
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -267,6 +268,11 @@ def parallelize(model, plan, device, mesh=None):
     if not plan.fsdp:
         return model
     from torch.distributed.fsdp import register_fsdp_forward_method
+    # torch >= 2.14 warns when a sharded module returns a view (the backbone's CLS / patch-token slices of its final
+    # norm): an in-place op on such a view would skip FSDP's pre-backward hook. Nothing modifies them in place (the
+    # heads and losses only read them; sharded runs give the unsharded losses and gradients, tested), so the
+    # warning, printed by every rank, would only alarm
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     if mesh is None:
         mesh = device_mesh(device, plan.fsdp_shard_size)
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.student.modules()):
