@@ -40,6 +40,8 @@ __all__ = [
     "probe_image",
     "resolve_channels",
     "image_format",
+    "is_tiff_bytes",
+    "TIFF_MAGICS",
 ]
 
 SUPPORTED_DTYPES = tuple(
@@ -52,6 +54,8 @@ NPY_EXTS = (".npy",)
 ZARR_EXTS = (".zarr",)
 IMAGE_EXTS = TIFF_EXTS + PNG_EXTS + PIL_EXTS + NPY_EXTS + ZARR_EXTS
 LAYOUTS = ("auto", "strip", "chw", "hwc")
+# first four bytes of a classic (42) or Big (43) TIFF, little- or big-endian: the format sniffers' one definition
+TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 ChannelSpec = Union[None, str, Sequence[Union[int, str]]]
 
@@ -85,6 +89,11 @@ def _existing_image_format(path) -> str:
     return kind
 
 
+def is_tiff_bytes(head) -> bool:
+    """True when `head` (the first bytes of a file) starts like a TIFF."""
+    return bytes(head[:4]) in TIFF_MAGICS
+
+
 def image_format(path) -> str:
     """'tiff' | 'png' | 'pil' | 'npy' | 'zarr', from the extension, else from the first bytes."""
     p = os.fspath(path)
@@ -103,7 +112,7 @@ def image_format(path) -> str:
         raise ImageNotFoundError(p, "file not found") from None
     except OSError as e:
         raise ImageReadError(p, f"cannot open ({e})") from None
-    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+    if is_tiff_bytes(head):
         return "tiff"
     if head.startswith(b"\x89PNG"):
         return "png"
@@ -333,27 +342,62 @@ def _open_zarr(path):
 # layout and channels
 
 
-def _strip_to_chw(path, arr: np.ndarray, tiles: Optional[int]) -> np.ndarray:
-    h, w = arr.shape
+def _check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r}: expected one of {LAYOUTS}")
+
+
+def _strip_tiles(path, h: int, w: int, tiles: Optional[int]) -> int:
+    """Tile count of an h x w horizontal strip: `tiles` when given, else w / h (square tiles). The one check of
+    a strip: the pixel reader and the probe both call it, so they accept and refuse the same files."""
     if tiles is None:
-        if w % h:
-            raise ImageReadError(path, f"expected a horizontal strip of square tiles (width a multiple of height), got {h}x{w}")
-        tiles = w // h
-    elif tiles < 1 or w % tiles:
-        raise ImageReadError(path, f"expected a horizontal strip of {tiles} tiles, but width {w} is not a multiple of {tiles}")
-    # column-major reshape of the reference == channel c holds columns [c*tw, (c+1)*tw)
-    return np.ascontiguousarray(arr.reshape(h, tiles, w // tiles).transpose(1, 0, 2))
+        if h < 1 or w % h:
+            raise ImageReadError(
+                path, f"expected a horizontal strip of square tiles (width a multiple of height), got {h}x{w}"
+            )
+        return w // h
+    if tiles < 1:
+        raise ImageReadError(path, f"tiles={tiles}: expected a tile count of at least 1")
+    if w % tiles:
+        raise ImageReadError(
+            path, f"expected a horizontal strip of {tiles} tiles, but width {w} is not a multiple of {tiles} ({h}x{w})"
+        )
+    return tiles
+
+
+def _order_3d(layout: str, default_3d: str) -> str:
+    """'chw' or 'hwc': how a 3-D array is stored (layout auto / strip leave it to the format's default)."""
+    return default_3d if layout in ("auto", "strip") else layout
+
+
+def _chw_shape(path, shape: tuple, layout: str, tiles: Optional[int], default_3d: str) -> tuple:
+    """(C, H, W) an array of `shape` becomes under `layout`: `_array_to_chw` reshapes pixels by it and
+    `probe_image` reports it without reading them, so the two cannot disagree."""
+    if len(shape) == 2:
+        h, w = shape
+        if layout != "strip":
+            return (1, h, w)
+        t = _strip_tiles(path, h, w, tiles)
+        return (t, h, w // t)
+    if len(shape) == 3:
+        return tuple(shape) if _order_3d(layout, default_3d) == "chw" else (shape[2], shape[0], shape[1])
+    raise ImageReadError(path, f"expected a 2-D or 3-D image array, got shape {tuple(shape)}")
 
 
 def _array_to_chw(path, arr: np.ndarray, layout: str, tiles: Optional[int], default_3d: str) -> np.ndarray:
-    if arr.ndim == 2:
-        if layout == "strip":
-            return _strip_to_chw(path, arr, tiles)
-        return arr[None]
+    c, h, w = _chw_shape(path, arr.shape, layout, tiles, default_3d)
     if arr.ndim == 3:
-        order = default_3d if layout in ("auto", "strip") else layout
-        return arr if order == "chw" else np.moveaxis(arr, -1, 0)
-    raise ImageReadError(path, f"expected a 2-D or 3-D image array, got shape {arr.shape}")
+        return arr if _order_3d(layout, default_3d) == "chw" else np.moveaxis(arr, -1, 0)
+    if layout != "strip":
+        return arr[None]
+    # column-major reshape of the reference == channel k holds columns [k*w, (k+1)*w)
+    return np.ascontiguousarray(arr.reshape(h, c, w).transpose(1, 0, 2))
+
+
+def _tiff_follows_layout(ndim: int, layout: str) -> bool:
+    """A TIFF goes by its own axes unless an explicit layout fits its page: a 2-D page read as a strip, a 3-D
+    one as chw / hwc (the reader and the probe both ask here)."""
+    return ndim == 2 and layout == "strip" or ndim == 3 and layout in ("chw", "hwc")
 
 
 def resolve_channels(path, channels: ChannelSpec, names: Optional[Sequence[str]], n_channels: int) -> list:
@@ -404,15 +448,12 @@ def read_image_and_names(
 ):
     """Like `read_image`, also returning the channel names of the result (None when unknown)."""
     path = os.fspath(path)
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout={layout!r}: expected one of {LAYOUTS}")
+    _check_layout(layout)
     kind = _existing_image_format(path)
     names = None
     if kind == "tiff":
         arr, axes, names = _read_tiff(path, series, channels_first=layout == "auto")
-        if layout == "strip" and arr.ndim == 2:
-            arr = _strip_to_chw(path, arr, tiles)
-        elif layout in ("chw", "hwc") and arr.ndim == 3:
+        if _tiff_follows_layout(arr.ndim, layout):
             arr = _array_to_chw(path, arr, layout, tiles, "chw")
         else:
             arr = _axes_to_cyx(path, arr, axes)
@@ -468,41 +509,25 @@ def read_image(
     )[0]
 
 
-def _layout_shape(path, shape: tuple, layout: str, tiles: Optional[int], default_3d: str) -> tuple:
-    """(C, H, W) that `_array_to_chw` would produce for an array of `shape` (no pixels touched)."""
-    if len(shape) == 2:
-        h, w = shape
-        if layout != "strip":
-            return (1, h, w)
-        t = tiles if tiles else (w // h if h and w % h == 0 else 0)
-        if t < 1 or w % t:
-            what = f"{tiles} tiles" if tiles else "square tiles (width a multiple of height)"
-            raise ImageReadError(path, f"expected a horizontal strip of {what}, got {h}x{w}")
-        return (t, h, w // t)
-    if len(shape) == 3:
-        order = default_3d if layout in ("auto", "strip") else layout
-        return tuple(shape) if order == "chw" else (shape[2], shape[0], shape[1])
-    raise ImageReadError(path, f"expected a 2-D or 3-D image array, got shape {tuple(shape)}")
-
-
 def probe_image(path, *, layout: str = "auto", tiles: Optional[int] = None, series: int = 0) -> ImageInfo:
     """Shape (C, H, W), dtype and channel names without decoding pixels where the format allows it
     (TIFF, .npy, zarr); PNG and other PIL formats are decoded."""
     path = os.fspath(path)
+    _check_layout(layout)
     kind = _existing_image_format(path)
     if kind == "tiff":
         shape, axes, dtype, names = _read_tiff(path, series, header_only=True)
-        if len(shape) == 2 and layout == "strip" or len(shape) == 3 and layout in ("chw", "hwc"):
-            chw = _layout_shape(path, shape, layout, tiles, "chw")
+        if _tiff_follows_layout(len(shape), layout):
+            chw = _chw_shape(path, shape, layout, tiles, "chw")
         else:
             chw = _axes_plan(path, shape, axes)[2]
     elif kind == "npy":
         arr = _read_npy(path, mmap=True)
-        chw, dtype, names = _layout_shape(path, arr.shape, layout, tiles, "chw"), arr.dtype, None
+        chw, dtype, names = _chw_shape(path, arr.shape, layout, tiles, "chw"), arr.dtype, None
     elif kind == "zarr":
         zarr_arr, axes, names = _open_zarr(path)
         shape = tuple(zarr_arr.shape)
-        chw = _axes_plan(path, shape, axes)[2] if axes else _layout_shape(path, shape, layout, tiles, "chw")
+        chw = _axes_plan(path, shape, axes)[2] if axes else _chw_shape(path, shape, layout, tiles, "chw")
         dtype = zarr_arr.dtype
     else:
         arr, names = read_image_and_names(path, layout=layout, tiles=tiles, check_finite=False)

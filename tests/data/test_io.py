@@ -403,3 +403,61 @@ def test_dataloader_workers_decode_tiffs_single_threaded(tmp_path, monkeypatch):
     celldino_io._read_tiff(str(deflate), 0)
     celldino_io._read_tiff(str(plain), 0)
     assert seen == [("tiff_strips", 1), ("tiff_strips", 1), ("tifffile", 1)]
+
+
+# ------------------------------------------------------------------------------------- probe == read, layouts
+
+
+def _outcome(fn, path, **kw):
+    """(shape, None) or (None, message): what `fn` makes of `path`, errors included."""
+    try:
+        return tuple(fn(path, **kw).shape), None
+    except ImageReadError as e:
+        return None, str(e)
+
+
+@pytest.mark.parametrize("fmt", ["tif", "npy", "png", "zarr"])
+def test_probe_agrees_with_read_over_layouts_and_tiles(tmp_path, fmt):
+    """probe_image reports, without the pixels, exactly the shape read_image produces, or the same error:
+    tiles=0 (once probed as square tiles, read as an error), widths not divisible by tiles, non-square strips."""
+    import zarr
+
+    arrays = {"strip": _rand((4, 12), "uint8"), "odd": _rand((4, 10), "uint8"), "hwc": _rand((4, 12, 3), "uint8")}
+    checked = 0
+    for name, x in arrays.items():
+        path = tmp_path / f"{name}.{fmt}"
+        if fmt == "tif":
+            tifffile.imwrite(path, x, photometric="minisblack" if x.ndim == 2 else "rgb")
+        elif fmt == "npy":
+            np.save(path, x)
+        elif fmt == "png":
+            Image.fromarray(x).save(path)
+        else:
+            zarr.open_array(str(path), mode="w", shape=x.shape, dtype=x.dtype)[...] = x
+        for layout in ("auto", "strip", "chw", "hwc"):
+            for tiles in (None, 0, -1, 1, 3, 4, 5):
+                kw = dict(layout=layout, tiles=tiles)
+                read = _outcome(read_image, path, **kw)
+                probed = _outcome(probe_image, path, **kw)
+                assert probed == read, (path.name, kw)
+                checked += read[0] is not None
+                if layout == "strip" and x.ndim == 2:  # strips: the expected shape or error, by hand
+                    h, w = x.shape
+                    t = tiles if tiles is not None else (w // h if w % h == 0 else None)
+                    if t is not None and t >= 1 and w % t == 0:
+                        assert read == ((t, h, w // t), None)
+                    else:
+                        assert read[0] is None and path.name in read[1]
+                        assert "tiles=0" in read[1] if tiles == 0 else True
+    assert checked > 20  # most combinations read fine; the errors are the exceptions
+
+
+def test_strip_errors_name_the_file_and_the_problem(tmp_path):
+    np.save(tmp_path / "s.npy", _rand((4, 10), "uint16"))
+    for tiles, problem in ((None, "square tiles .* got 4x10"), (0, "tiles=0: expected a tile count of at least 1"),
+                           (3, "strip of 3 tiles, but width 10 is not a multiple of 3")):
+        for fn in (read_image, probe_image):
+            with pytest.raises(ImageReadError, match=f"s.npy: .*{problem}"):
+                fn(tmp_path / "s.npy", layout="strip", tiles=tiles)
+    with pytest.raises(ValueError, match="layout='rows'"):
+        probe_image(tmp_path / "s.npy", layout="rows")  # the probe checks the layout as read_image does
