@@ -37,7 +37,7 @@ from typing import List, NamedTuple, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .io import ImageReadError, read_image
+from .io import ImageNotFoundError, ImageReadError, is_tiff_bytes, read_image
 
 logger = logging.getLogger("celldino")
 
@@ -393,8 +393,8 @@ class DaliTiffLoader:
         else:
             try:
                 data = np.fromfile(path, dtype=np.uint8)
-            except FileNotFoundError:
-                raise ImageReadError(path, "file not found") from None
+            except FileNotFoundError:  # the same error class as celldino.data.io's readers
+                raise ImageNotFoundError(path, "file not found") from None
             except OSError as exc:
                 raise ImageReadError(path, f"cannot read ({exc})") from None
             try:
@@ -403,7 +403,7 @@ class DaliTiffLoader:
             except ImageReadError as exc:
                 # tifffile (read_image, below) is the authority: it decodes what our small parser does not know,
                 # and reports truncated / corrupt files with their name
-                is_tiff = data[:4].tobytes() in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+                is_tiff = is_tiff_bytes(data[:4].tobytes())
                 reason = "TIFF header not understood by the DALI router" if is_tiff else "not a TIFF"
                 if is_tiff:
                     logger.debug("DALI router: %s", exc)

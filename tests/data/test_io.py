@@ -276,6 +276,40 @@ def test_missing_file(tmp_path):
         read_image(tmp_path / "nope.png")
 
 
+def test_missing_file_is_image_not_found_for_every_reader(tmp_path):
+    """One error class for a missing file, whichever reader meets it, so `except FileNotFoundError` catches
+    them all: the DALI router reads a file's bytes itself and used to raise a plain ImageReadError."""
+    from celldino.data.dali import DaliTiffLoader  # its reading runs without DALI installed
+
+    for name in ("gone.tif", "gone.png", "gone.npy", "gone.jpg", "gone.zarr", "gone.dat"):
+        for fn in (read_image, probe_image):
+            with pytest.raises(ImageNotFoundError, match=f"{name}: file not found"):
+                fn(tmp_path / name)
+    loader = DaliTiffLoader([str(tmp_path / "gone.tif")], 1, device="cpu")
+    with pytest.raises(FileNotFoundError) as info:
+        loader._read_one(0)
+    assert isinstance(info.value, ImageNotFoundError) and info.value.path == str(tmp_path / "gone.tif")
+
+
+def test_tiff_magic_bytes_shared_by_io_and_dali(tmp_path):
+    """A TIFF without a TIFF extension: io sniffs it as one and the DALI router sends it to DALI; a .npy is
+    neither, and the router hands it to read_image saying so."""
+    from celldino.data.dali import DaliTiffLoader
+    from celldino.data.io import image_format
+
+    x = _rand((4, 6), "uint16")
+    tifffile.imwrite(tmp_path / "noext", x)
+    np.save(tmp_path / "arr.npy", x)
+    assert image_format(tmp_path / "noext") == "tiff"
+    np.testing.assert_array_equal(read_image(tmp_path / "noext"), x[None])
+    loader = DaliTiffLoader([str(tmp_path / "noext"), str(tmp_path / "arr.npy")], 1, device="cpu")
+    data, _, _, fallback = loader._read_one(0)
+    assert not fallback and data.tobytes() == (tmp_path / "noext").read_bytes()
+    _, arr, _, fallback = loader._read_one(1)
+    assert fallback and loader.stats["fallback_reasons"] == {"not a TIFF": 1}
+    np.testing.assert_array_equal(arr, x[None])
+
+
 def test_not_an_image(tmp_path):
     p = tmp_path / "notes.tif"
     p.write_text("hello, I am text")
