@@ -61,6 +61,7 @@ __all__ = [
     "patch_size_of",
     "share_label_space",
     "parse_dtype",
+    "autocast_dtype_for",
     "resolve_device",
 ]
 
@@ -78,6 +79,15 @@ def parse_dtype(value) -> Optional[torch.dtype]:
     if s not in table:
         raise ValueError(f"dtype {value!r}: expected fp16, bf16 or fp32")
     return table[s]
+
+
+def autocast_dtype_for(device, autocast_dtype="auto") -> Optional[torch.dtype]:
+    """The backbone's autocast dtype: "auto" is fp16 on GPU (the reference's eval dtype) and none (fp32) on CPU;
+    anything else goes through parse_dtype. One rule, so that extracted features and the linear protocol's
+    augmented batches are encoded alike."""
+    if autocast_dtype == "auto":
+        return torch.float16 if torch.device(device).type == "cuda" else None
+    return parse_dtype(autocast_dtype)
 
 
 def resolve_device(device=None) -> torch.device:
@@ -350,9 +360,7 @@ def extract_features(model: nn.Module, dataset, *, kind: str = "cls", n_last_blo
     """
     options = FeatureOptions(kind=kind, n_last_blocks=n_last_blocks, avgpool=avgpool, bag_of_channels=bag_of_channels)
     device = resolve_device(device)
-    if autocast_dtype == "auto":
-        autocast_dtype = torch.float16 if device.type == "cuda" else None
-    autocast_dtype = parse_dtype(autocast_dtype)
+    autocast_dtype = autocast_dtype_for(device, autocast_dtype)
     n = len(dataset)
     if n == 0:
         raise ValueError(f"{desc}: the dataset is empty")

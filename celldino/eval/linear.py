@@ -579,15 +579,14 @@ def _linear_probe_augment(model, train_dataset, val_f, val_y, test_sets, *, num_
     """The reference protocol: augmented images through the frozen backbone every iteration."""
     from celldino.data.loaders import SamplerType, make_data_loader
 
-    from .features import FeatureModel, FeatureOptions, parse_dtype
+    from .features import FeatureModel, FeatureOptions, autocast_dtype_for
 
-    if autocast_dtype == "auto":
-        autocast_dtype = torch.float16 if torch.device(device).type == "cuda" else None
     model = model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    fm = FeatureModel(model, FeatureOptions(kind="linear", n_last_blocks=n_last_blocks, avgpool=avgpool,
-                                            bag_of_channels=bag_of_channels), parse_dtype(autocast_dtype))
+    options = FeatureOptions(kind="linear", n_last_blocks=n_last_blocks, avgpool=avgpool,
+                             bag_of_channels=bag_of_channels)
+    fm = FeatureModel(model, options, autocast_dtype_for(device, autocast_dtype))
     val_y = labels_to_tensor(val_y)
     probe = next(iter(torch.utils.data.DataLoader(train_dataset, batch_size=1)))
     train_y_sample = labels_to_tensor(probe[1])

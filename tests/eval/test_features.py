@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from celldino.eval.features import FeatureModel, FeatureOptions, extract_features, linear_input
+from celldino.eval.features import FeatureModel, FeatureOptions, autocast_dtype_for, extract_features, linear_input
 
 from eval_helpers import TensorItems, free_port, init_gloo, tiny_vit
 
@@ -15,6 +15,16 @@ from eval_helpers import TensorItems, free_port, init_gloo, tiny_vit
 def _images(n, c=2, size=32, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(c, size, size, generator=g) for _ in range(n)]
+
+
+def test_auto_autocast_is_fp16_on_gpu_and_none_on_cpu():
+    """The one rule of feature extraction and the linear protocol's augmented batches (the reference's fp16 eval)."""
+    assert autocast_dtype_for("cpu") is None and autocast_dtype_for(torch.device("cpu"), "auto") is None
+    assert autocast_dtype_for("cuda:1", "auto") is torch.float16  # a device name: no GPU needed
+    assert autocast_dtype_for("cpu", "bf16") is torch.bfloat16 and autocast_dtype_for("cuda", "fp32") is torch.float32
+    assert autocast_dtype_for("cuda", None) is None
+    with pytest.raises(ValueError, match="expected fp16, bf16 or fp32"):
+        autocast_dtype_for("cpu", "int8")
 
 
 def test_cls_and_knn_features_equal_the_model_output(tiny_model):
