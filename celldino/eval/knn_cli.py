@@ -54,7 +54,7 @@ def main(args) -> int:
     from .inputs import dataset_spec, make_eval_dataset, require_several_classes, share_label_space, warn_if_crop_pads
     from .knn import evaluate_knn, knn_leave_one_out
     from .linear import read_leave_one_out_groups
-    from .metrics import format_report, parse_metric_type
+    from .metrics import default_metric_and_loss, format_report, parse_metric_type
 
     is_main = setup(args)
     model = load_model(args)
@@ -97,13 +97,9 @@ def main(args) -> int:
             results = {f"{names['val']}_{k} Top 1": 100.0 * v for k, v in scores.items()}
             metric, report = "leave-one-out macro F1 over labels 4, 5, 6", None
         else:
-            labels_probe = datasets["train"]
-            metric = args.metric
-            if metric is None:
-                import numpy as np
-                targets = labels_probe.get_targets() if hasattr(labels_probe, "get_targets") else None
-                multi = targets is not None and np.asarray(targets).ndim == 2
-                metric = "mean_per_class_multilabel_f1" if multi else "mean_per_class_multiclass_f1"
+            train = datasets["train"]
+            targets = train.get_targets() if hasattr(train, "get_targets") else None
+            metric, _ = default_metric_and_loss(targets, args.metric)
             n_per_class = [int(n) if n >= 1 else n for n in args.n_per_class_list]
             out = evaluate_knn(model, datasets["train"], datasets["val"], test_dataset=datasets.get("test"),
                                nb_knn=args.nb_knn, temperature=args.temperature, metric=metric,

@@ -37,7 +37,7 @@ from celldino.files import atomic_torch_save
 
 from . import _dist
 from .knn import _leave_one_out_folds, _leave_one_out_inputs, infer_num_classes, labels_to_tensor
-from .metrics import compute_metric, parse_metric_type
+from .metrics import compute_metric, default_metric_and_loss, parse_metric_type
 
 logger = logging.getLogger("celldino")
 
@@ -297,9 +297,7 @@ def linear_probe_on_features(train_features, train_labels, val_features, val_lab
     train_labels = labels_to_tensor(train_labels)
     val_labels = labels_to_tensor(val_labels)
     require_several_classes(train_labels)
-    multilabel = train_labels.dim() == 2
-    loss_type = loss_type or ("binary_cross_entropy" if multilabel else "cross_entropy")
-    metric = parse_metric_type(metric or ("multilabel_f1" if multilabel else "multiclass_f1"))
+    metric, loss_type = default_metric_and_loss(train_labels, metric, loss_type)
     if num_classes is None:
         num_classes = max(infer_num_classes(train_labels), infer_num_classes(val_labels))
     heads = _head_grid(train_features.shape[1], num_classes, learning_rates, weight_decays, batch_size,
@@ -426,7 +424,7 @@ def logistic_regression_probe(train_features, train_labels, val_features, val_la
 
     ytr, yva = labels_to_tensor(train_labels).numpy(), labels_to_tensor(val_labels).numpy()
     multilabel = ytr.ndim == 2
-    metric = parse_metric_type(metric or ("multilabel_f1" if multilabel else "multiclass_f1"))
+    metric, _ = default_metric_and_loss(ytr, metric)
     if num_classes is None:
         num_classes = max(infer_num_classes(torch.from_numpy(ytr)), infer_num_classes(torch.from_numpy(yva)))
     xtr = np.asarray(train_features, dtype=np.float64)
@@ -591,8 +589,7 @@ def _linear_probe_augment(model, train_dataset, val_f, val_y, test_sets, *, num_
     probe = next(iter(torch.utils.data.DataLoader(train_dataset, batch_size=1)))
     train_y_sample = labels_to_tensor(probe[1])
     multilabel = train_y_sample.dim() == 2
-    loss_type = loss_type or ("binary_cross_entropy" if multilabel else "cross_entropy")
-    metric = parse_metric_type(metric or ("multilabel_f1" if multilabel else "multiclass_f1"))
+    metric, loss_type = default_metric_and_loss(train_y_sample, metric, loss_type)
     with torch.no_grad():
         in_dim = fm(probe[0].to(device).float()).shape[1]
     if multilabel:

@@ -16,13 +16,14 @@ Conventions (each one a decision; see docs/eval.md):
 from __future__ import annotations
 
 from enum import Enum
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 __all__ = [
     "MetricType",
     "parse_metric_type",
+    "default_metric_and_loss",
     "to_numpy",
     "multiclass_predictions",
     "multilabel_predictions",
@@ -76,6 +77,16 @@ def parse_metric_type(value) -> MetricType:
             return m
     names = sorted({m.value for m in MetricType} | set(_ALIASES))
     raise ValueError(f"metric {value!r}: expected one of {', '.join(names)}")
+
+
+def default_metric_and_loss(labels, metric=None, loss_type: Optional[str] = None) -> Tuple[MetricType, str]:
+    """(metric, linear-head loss) for these train labels, each kept when given: multi-hot [N, L] labels get
+    multilabel F1 and binary cross-entropy, class indices [N] multiclass F1 and cross-entropy (the reference's
+    pairs). Only the labels' number of dimensions is read (tensor, array, list; None counts as class indices)."""
+    multi_hot = np.ndim(labels) == 2
+    metric = parse_metric_type(metric or (MetricType.MEAN_PER_CLASS_MULTILABEL_F1 if multi_hot
+                                          else MetricType.MEAN_PER_CLASS_MULTICLASS_F1))
+    return metric, loss_type or ("binary_cross_entropy" if multi_hot else "cross_entropy")
 
 
 def to_numpy(x) -> np.ndarray:

@@ -4,7 +4,7 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
 
-from celldino.eval.metrics import (MetricType, accuracy, compute_metric, format_report,
+from celldino.eval.metrics import (MetricType, accuracy, compute_metric, default_metric_and_loss, format_report,
                                    mean_per_class_multiclass_f1, mean_per_class_multilabel_f1, parse_metric_type,
                                    per_class_report)
 
@@ -96,3 +96,16 @@ def test_per_class_report_matches_sklearn():
         assert row["f1"] == pytest.approx(f[c])
         assert row["support"] == int((targets == c).sum()) and row["predicted"] == int((preds == c).sum())
     assert "mean" in format_report(rows)
+
+
+def test_default_metric_and_loss_follow_the_label_shape():
+    """One rule for eval knn and the linear probes: multi-hot -> multilabel F1 + BCE, class indices -> multiclass
+    F1 + CE; a given metric (any spelling) or loss is kept."""
+    multi_hot, indices = torch.tensor([[1, 0, 1], [0, 1, 0]]), torch.tensor([0, 2, 1])
+    assert default_metric_and_loss(multi_hot) == (MetricType.MEAN_PER_CLASS_MULTILABEL_F1, "binary_cross_entropy")
+    assert default_metric_and_loss(indices) == (MetricType.MEAN_PER_CLASS_MULTICLASS_F1, "cross_entropy")
+    assert default_metric_and_loss(multi_hot.numpy().tolist())[1] == "binary_cross_entropy"  # a list of rows
+    assert default_metric_and_loss(None)[0] is MetricType.MEAN_PER_CLASS_MULTICLASS_F1  # no labels known
+    assert default_metric_and_loss(indices, "accuracy", "binary_cross_entropy") == (MetricType.MEAN_ACCURACY,
+                                                                                   "binary_cross_entropy")
+    assert default_metric_and_loss(multi_hot, "mean_per_class_multiclass_f1")[0].value == "mean_per_class_multiclass_f1"
