@@ -201,7 +201,8 @@ def test_hpafov_separate_channels_fixed(tmp_path):
 def test_hpafov_missing_image_error_and_skip(tmp_path):
     _hpafov_tree(str(tmp_path))
     os.remove(os.path.join(tmp_path, "512_whole_images", "img1.png"))
-    with pytest.raises(DatasetError, match=r"row 3: image not found: .*img1.png"):
+    with pytest.raises(DatasetError,
+                       match=r"HPAFoV: .*whole_images_512_train.csv row 3: file not found: .*img1.png \(nor .*img1.tiff\)"):
         build_dataset(f"HPAFoV:split=TRAIN:root={tmp_path}")
     ds = build_dataset(f"HPAFoV:split=TRAIN:on_error=skip:root={tmp_path}")
     assert len(ds) == 3 and ds.skipped.value == 1
@@ -491,6 +492,86 @@ def test_dataset_string_errors():
         build_dataset("Folder:labels=true")
     with pytest.raises(DatasetError, match="on_error='ignore'"):
         build_dataset("Folder:root=/x:on_error=ignore")
+
+
+# ------------------------------------------------------------------------------------ shared parsing rules
+
+
+def test_one_yes_no_vocabulary_for_keys_and_label_cells(tmp_path):
+    """Folder's labels key, check_files and multi-hot CSV label cells read the same yes / no words
+    (labels=on used to be refused by Folder although parse_bool took it for check_files)."""
+    from celldino.data.datasets.base import FALSE_WORDS, TRUE_WORDS, parse_bool
+
+    assert all(parse_bool(w) for w in TRUE_WORDS) and not any(parse_bool(w) for w in FALSE_WORDS)
+    for folder in ("a", "b"):
+        os.makedirs(tmp_path / "tree" / folder)
+        tifffile.imwrite(tmp_path / "tree" / folder / "x.tif", np.zeros((4, 4), np.uint8))
+    for word, classes in (("on", ["a", "b"]), ("Y", ["a", "b"]), ("off", None), ("f", None), ("auto", ["a", "b"])):
+        ds = build_dataset(f"Folder:root={tmp_path}/tree:labels={word}")
+        assert ds.classes == classes, word
+        assert ds.get_targets().tolist() == ([0, 1] if classes else [0, 0])
+    with pytest.raises(DatasetError, match="Folder: labels='maybe': expected auto, true or false"):
+        build_dataset(f"Folder:root={tmp_path}/tree:labels=maybe")
+    _csv_tree(str(tmp_path))
+    cells = tmp_path / "cells.csv"  # every spelling of yes in a label cell is 1, anything else 0
+    cells.write_text("file,a,b\n" + "".join(f"imgs/c0.tif,{w},{w.upper()}\n" for w in TRUE_WORDS)
+                     + "imgs/c0.tif,no,2\nimgs/c0.tif,,off\n")
+    ds = build_dataset(f"CSV:path={cells}:label=a,b")
+    assert ds.get_targets().tolist() == [[1, 1]] * len(TRUE_WORDS) + [[0, 0], [0, 0]]
+    assert build_dataset(f"CSV:path={cells}:check_files=on").num_images == len(TRUE_WORDS) + 2
+
+
+def test_choices_ignore_case_and_name_the_key(tmp_path):
+    _csv_tree(str(tmp_path))
+    ds = build_dataset(f"CSV:path={tmp_path}/meta.csv:layout=CHW:on_error=Skip:wildcard=separate_channels")
+    assert ds.layout == "chw" and ds.on_error == "skip" and ds.separate_channels
+    from celldino.data.datasets import CSVDataset
+
+    with pytest.raises(DatasetError, match="CSV: layout='rows': expected one of auto, strip, chw, hwc"):
+        CSVDataset(f"{tmp_path}/meta.csv", layout="rows")  # checked when built, not at the first read
+    with pytest.raises(DatasetError, match="wildcard='all': expected one of NONE, SEPARATE_CHANNELS"):
+        build_dataset(f"CSV:path={tmp_path}/meta.csv:wildcard=all")
+    _chammi_tree(str(tmp_path / "chammi"))
+    assert len(build_dataset(f"CHAMMI_CP:split=task_one:root={tmp_path}/chammi")) == 1
+    with pytest.raises(DatasetError, match="CHAMMI_CP: split='task_five': expected one of TRAIN, TASK_ONE"):
+        build_dataset(f"CHAMMI_CP:split=task_five:root={tmp_path}/chammi")
+
+
+def test_reference_csvs_get_the_generic_csv_checks(tmp_path):
+    """HPA / CHAMMI metadata CSVs are read by the CSV dataset's reader: non-UTF-8 text, a repeated column and
+    a broken file are errors naming the file, and rows are numbered by their line in the file (a quoted cell
+    spanning lines used to shift CHAMMI's and HPAFoV's row numbers)."""
+    _chammi_tree(str(tmp_path))
+    meta = tmp_path / "morphem70k_v2.csv"
+    with open(meta, "a", newline="") as f:
+        csv.writer(f).writerow(["CP/plate/img0.png", "Train", "no such\nlabel", "CP"])  # lines 11-12
+    with pytest.raises(DatasetError, match=r"CHAMMI_CP: .*morphem70k_v2.csv row 12: unknown label 'no such\\nlabel'"):
+        build_dataset(f"CHAMMI_CP:split=TRAIN:root={tmp_path}")
+    meta.write_bytes("file_path,train_test_split,label\nCP/caf\u00e9.png,Train,DMSO\n".encode("latin-1"))
+    with pytest.raises(DatasetError, match=r"CHAMMI_CP: .*morphem70k_v2.csv is not UTF-8 text"):
+        build_dataset(f"CHAMMI_CP:split=TRAIN:root={tmp_path}")
+    meta.write_text("file_path,train_test_split,label,label\nCP/a.png,Train,DMSO,DMSO\n")
+    with pytest.raises(DatasetError, match=r"repeats the column name\(s\) \['label'\]"):
+        build_dataset(f"CHAMMI_CP:split=TRAIN:root={tmp_path}")
+    meta.write_text("file_path,train_test_split,label\nCP/a.png,Train," + "x" * 200_000 + "\n")
+    with pytest.raises(DatasetError, match=r"morphem70k_v2.csv line 2: not valid CSV \(field larger"):
+        build_dataset(f"CHAMMI_CP:split=TRAIN:root={tmp_path}")
+    meta.write_text("")
+    with pytest.raises(DatasetError, match=r"morphem70k_v2.csv is empty \(no header row\)"):
+        build_dataset(f"CHAMMI_CP:split=TRAIN:root={tmp_path}")
+    _hpaone_tree(str(tmp_path / "hpa"))
+    (tmp_path / "hpa" / "varied_size_masked_single_cells_pretrain_20240507.csv").write_text("ID\n1\n")
+    with pytest.raises(DatasetError, match=r"HPAone: .*pretrain_20240507.csv has no column\(s\) \['img_path'\]"):
+        build_dataset(f"HPAone:split=ALL:root={tmp_path}/hpa")
+
+
+def test_hpafov_missing_files_counted_like_csv(tmp_path, caplog):
+    _hpafov_tree(str(tmp_path))
+    os.remove(os.path.join(tmp_path, "512_whole_images", "img1.png"))
+    with caplog.at_level("WARNING", logger="celldino"):
+        ds = build_dataset(f"HPAFoV:split=TRAIN:on_error=skip:root={tmp_path}")
+    assert ds.missing_files == 1 and ds.skipped.value == 1
+    assert "HPAFoV: " in caplog.text and "row 3: file not found: " in caplog.text and "(skipped)" in caplog.text
 
 
 def test_transforms_applied(tmp_path):

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from .base import DatasetError, ImageDataset, SkipCounter, parse_bool, parse_list
+from ..io import LAYOUTS
+from .base import ON_ERROR, WILDCARDS, DatasetError, ImageDataset, SkipCounter, parse_bool, parse_choice, parse_list
 from .chammi import CHAMMI_CP, CHAMMI_HPA, CHAMMI_WTC
 from .generic import CSVDataset, FolderDataset
 from .hpa import HPAFoV, HPAone
@@ -38,25 +39,9 @@ def _int(v, key):
         raise DatasetError(f"{key}={v!r}: expected an integer") from None
 
 
-def _wildcard(v, key):
-    s = str(v).upper()
-    if s not in ("NONE", "SEPARATE_CHANNELS"):
-        raise DatasetError(f"{key}={v!r}: expected NONE or SEPARATE_CHANNELS")
-    return s
-
-
-def _layout(v, key):
-    s = str(v).lower()
-    if s not in ("auto", "strip", "chw", "hwc"):
-        raise DatasetError(f"{key}={v!r}: expected auto, strip, chw or hwc")
-    return s
-
-
-def _on_error(v, key):
-    s = str(v).lower()
-    if s not in ("raise", "skip"):
-        raise DatasetError(f"{key}={v!r}: expected raise or skip")
-    return s
+def _one_of(allowed):
+    """A key parser accepting one of `allowed` (any case), returning its canonical spelling."""
+    return lambda v, key: parse_choice(v, allowed, key)
 
 
 def _channels(v, key):
@@ -69,11 +54,12 @@ def _channels(v, key):
 _READ_KEYS = {
     "channels": _channels,
     "channel_names": _channels,
-    "layout": _layout,
+    "layout": _one_of(LAYOUTS),
     "tiles": _int,
     "in_chans": _int,
-    "on_error": _on_error,
+    "on_error": _one_of(ON_ERROR),
 }
+_wildcard = _one_of(WILDCARDS)
 _STR = lambda v, key: str(v)  # noqa: E731
 
 # name -> (class, {key: parser}); a key's parser turns the string value into the constructor argument

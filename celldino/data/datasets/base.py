@@ -7,22 +7,30 @@ rescaled), then `transform(image)` and `target_transform(target)` when given.
 
 from __future__ import annotations
 
+import csv
 import logging
 import multiprocessing
 import multiprocessing.context
-from typing import Any, Callable, List, Optional, Sequence
+import os
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..io import ImageReadError, probe_image, read_image_and_names
+from ..io import LAYOUTS, ImageReadError, probe_image, read_image_and_names
 
 logger = logging.getLogger("celldino")
 
-__all__ = ["DatasetError", "ImageDataset", "SkipCounter", "ON_ERROR", "parse_bool", "parse_list"]
+__all__ = ["DatasetError", "ImageDataset", "SkipCounter", "CSVTable", "ON_ERROR", "WILDCARDS", "TRUE_WORDS",
+           "FALSE_WORDS", "parse_bool", "parse_choice", "parse_list", "read_csv_rows"]
 
 ON_ERROR = ("raise", "skip")
+WILDCARDS = ("NONE", "SEPARATE_CHANNELS")
+# The one spelling list of yes / no in dataset keys (check_files=on, labels=no) and CSV label cells (True, 1.0),
+# lower-case; "" is no, so that an empty key (check_files=) or cell is false.
+TRUE_WORDS = ("1", "1.0", "true", "t", "yes", "y", "on")
+FALSE_WORDS = ("0", "0.0", "false", "f", "no", "n", "off", "")
 _MAX_CONSECUTIVE_SKIPS = 100
 
 
@@ -34,11 +42,22 @@ def parse_bool(value, key: str = "value") -> bool:
     if isinstance(value, bool):
         return value
     s = str(value).strip().lower()
-    if s in ("1", "true", "yes", "on", "y"):
+    if s in TRUE_WORDS:
         return True
-    if s in ("0", "false", "no", "off", "n", ""):
+    if s in FALSE_WORDS:
         return False
     raise DatasetError(f"{key}={value!r}: expected true or false")
+
+
+def parse_choice(value, allowed: Sequence[str], key: str, owner: Optional[str] = None) -> str:
+    """`value` matched against `allowed` ignoring case; returns the allowed spelling (split=train -> TRAIN,
+    layout=HWC -> hwc). Anything else is a DatasetError naming the key and the choices."""
+    s = str(value).lower()
+    for choice in allowed:
+        if s == choice.lower():
+            return choice
+    where = f"{owner}: " if owner else ""
+    raise DatasetError(f"{where}{key}={value!r}: expected one of {', '.join(allowed)}")
 
 
 def parse_list(value) -> Optional[list]:
@@ -49,6 +68,51 @@ def parse_list(value) -> Optional[list]:
         return list(value)
     items = [v.strip() for v in str(value).split(",") if v.strip()]
     return items or None
+
+
+class CSVTable(NamedTuple):
+    """A CSV file read by `read_csv_rows`: its header and its rows as (file line, {column: cell})."""
+
+    path: str
+    header: List[str]
+    rows: List[Tuple[int, Dict[str, str]]]
+
+
+def read_csv_rows(path: str, owner: str, required: Sequence[str] = ()) -> CSVTable:
+    """Every dataset's CSV reader: UTF-8 (a BOM allowed), a header row with distinct names, the `required`
+    columns present. Each row keeps the file line it ends on (a quoted cell may span lines) for messages.
+    Problems are DatasetErrors naming `owner` and the file."""
+    if not os.path.isfile(path):
+        what = "is a directory (expected a .csv file)" if os.path.isdir(path) else "does not exist"
+        raise DatasetError(f"{owner}: {path} {what}")
+    header, rows = _csv_header_and_rows(path, owner)
+    if not header:
+        raise DatasetError(f"{owner}: {path} is empty (no header row)")
+    repeated = sorted({c for c in header if header.count(c) > 1})
+    if repeated:  # csv.DictReader would silently keep the last of the same-named cells
+        raise DatasetError(f"{owner}: {path} repeats the column name(s) {repeated}: each column needs its own name")
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise DatasetError(f"{owner}: {path} has no column(s) {missing} (columns are {header})")
+    return CSVTable(path, header, rows)
+
+
+def _csv_header_and_rows(path: str, owner: str):
+    reader = None
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header = list(reader.fieldnames or [])
+            rows = [(reader.line_num, row) for row in reader]
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{owner}: {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                           "save it as UTF-8") from None
+    except csv.Error as exc:
+        # line_num counts the lines of the records read whole: the broken one starts on the next
+        raise DatasetError(f"{owner}: {path} line {reader.line_num + 1}: not valid CSV ({exc})") from None
+    except OSError as exc:
+        raise DatasetError(f"{owner}: {path} cannot be read ({exc})") from None
+    return header, rows
 
 
 class SkipCounter:
@@ -108,18 +172,17 @@ class ImageDataset(Dataset):
         separate_channels: bool = False,
         on_error: str = "raise",
     ):
-        if on_error not in ON_ERROR:
-            raise DatasetError(f"on_error={on_error!r}: expected one of {ON_ERROR}")
         self.transform = transform
         self.target_transform = target_transform
         self.channels = list(channels) if channels is not None else None
         self.channel_names = list(channel_names) if channel_names is not None else None
-        self.layout = layout
+        self.layout = parse_choice(layout, LAYOUTS, "layout", self.name)
         self.tiles = int(tiles) if tiles is not None else None
         self.in_chans = int(in_chans) if in_chans is not None else None
         self.separate_channels = bool(separate_channels)
-        self.on_error = on_error
+        self.on_error = parse_choice(on_error, ON_ERROR, "on_error", self.name)
         self.skipped = SkipCounter()
+        self.missing_files = 0  # listed files found missing at construction and skipped (on_error=skip)
         self._unreadable: set = set()  # per process: items known to be unreadable (on_error=skip)
         self._paths: List[str] = []
         self._targets: List[Any] = []
@@ -135,6 +198,15 @@ class ImageDataset(Dataset):
             raise DatasetError(f"{self.name}: no images found ({source})")
         if self.separate_channels:
             self._n_channels = self._channels_per_image()
+
+    def _missing_file(self, where: str, path: str, also: str = "") -> None:
+        """A listed image that does not exist (`where`: the CSV file and row). on_error=skip: counted in
+        `skipped` and `missing_files`, logged, and the caller drops the row; else a DatasetError."""
+        if self.on_error != "skip":
+            raise DatasetError(f"{self.name}: {where}: file not found: {path}{also}")
+        self.missing_files += 1
+        self.skipped.increment()
+        logger.warning("%s: %s: file not found: %s%s (skipped)", self.name, where, path, also)
 
     def _channels_per_image(self) -> int:
         """Channel count used for bag-of-channels indexing: from the selection, in_chans, or the first file."""

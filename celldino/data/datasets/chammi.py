@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import os
 
-from .base import DatasetError, ImageDataset
-from .hpa import _choice, _read_rows
+from .base import DatasetError, ImageDataset, parse_choice, read_csv_rows
 
 __all__ = ["CHAMMI_CP", "CHAMMI_HPA", "CHAMMI_WTC", "CHAMMI_METADATA_FILE"]
 
@@ -35,10 +34,10 @@ class _CHAMMI(ImageDataset):
         if split is None:
             raise DatasetError(f"{self.name}: the split key is required ({', '.join(self.SPLITS)})")
         self.root = os.path.abspath(root)
-        self.split = _choice(split, self.SPLITS, "split", self.name)
+        self.split = parse_choice(split, self.SPLITS, "split", self.name)
         csv_path = os.path.join(self.root, CHAMMI_METADATA_FILE)
-        rows = _read_rows(csv_path, ["file_path", "train_test_split", "label"])
-        for line, r in enumerate(rows, start=2):
+        table = read_csv_rows(csv_path, self.name, ["file_path", "train_test_split", "label"])
+        for line, r in table.rows:
             if r["file_path"].split("/")[0] != self.SUBSET or r["train_test_split"].upper() != self.split:
                 continue
             if r["label"] not in self.CLASS_LABELS:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 from typing import Optional
@@ -10,14 +9,13 @@ from typing import Optional
 import numpy as np
 
 from ..io import IMAGE_EXTS, ZARR_EXTS
-from .base import DatasetError, ImageDataset, parse_list
+from .base import TRUE_WORDS, CSVTable, DatasetError, ImageDataset, parse_bool, parse_list, read_csv_rows
 
 logger = logging.getLogger("celldino")
 
-__all__ = ["FolderDataset", "CSVDataset", "PATH_COLUMNS", "TRUE_STRINGS"]
+__all__ = ["FolderDataset", "CSVDataset", "PATH_COLUMNS"]
 
 PATH_COLUMNS = ("file", "path", "filename", "file_path", "img_path", "image_path", "image")
-TRUE_STRINGS = ("true", "1", "1.0", "yes", "y", "t")
 
 
 def _normalise_exts(extensions) -> tuple:
@@ -43,13 +41,11 @@ class FolderDataset(ImageDataset):
         if not os.path.isdir(self.root):
             raise DatasetError(f"Folder: root {self.root} does not exist or is not a directory")
         exts = _normalise_exts(extensions)
+        wanted = _folder_labels(labels)
         files = self._scan(self.root, exts, recursive)
-        labels = str(labels).lower()
-        if labels not in ("auto", "true", "false", "1", "0", "yes", "no"):
-            raise DatasetError(f"Folder: labels={labels!r}: expected auto, true or false")
         rel_parts = [os.path.relpath(f, self.root).split(os.sep) for f in files]
         in_subfolder = [len(p) > 1 for p in rel_parts]
-        use_labels = labels in ("true", "1", "yes") or (labels == "auto" and files and all(in_subfolder))
+        use_labels = wanted if wanted is not None else bool(files) and all(in_subfolder)
         if use_labels:
             loose = [f for f, sub in zip(files, in_subfolder) if not sub]
             if loose:
@@ -92,7 +88,7 @@ class CSVDataset(ImageDataset):
     image present). Relative paths are resolved against `root` (default: the CSV's folder).
     label: label column(s). One column: integer labels are used as they are, anything else becomes an index
     into the sorted distinct values (`classes`). Several columns (label=a,b,c): a multi-hot int64 vector of
-    the truthy cells (True / 1 / yes). Default: the `label` column if present, else target 0.
+    the cells that say yes (`base.TRUE_WORDS`: true, 1, yes, on, ...). Default: the `label` column if present, else target 0.
     split: keep only rows whose `split_column` (default "split") equals this value.
     A `channel_names` column (`;`-separated) gives per-row channel names for name-based channel selection.
     check_files: verify at construction that every listed file exists (missing -> error naming the CSV row,
@@ -118,91 +114,101 @@ class CSVDataset(ImageDataset):
         if path is None or str(path) == "":
             raise DatasetError("CSV: the path key is required (CSV:path=/path/to/images.csv)")
         self.csv_path = os.path.abspath(os.path.expanduser(str(path)))
-        if not os.path.isfile(self.csv_path):
-            what = "is a directory (expected a .csv file)" if os.path.isdir(self.csv_path) else "does not exist"
-            raise DatasetError(f"CSV: {self.csv_path} {what}")
         self.root = os.path.abspath(os.path.expanduser(str(root))) if root else os.path.dirname(self.csv_path)
-        line_of = {}  # id(row) -> the file line the row ends on (for messages; quoted cells may span lines)
-        try:
-            with open(self.csv_path, newline="", encoding="utf-8-sig") as f:
-                reader = csv.DictReader(f)
-                header = reader.fieldnames or []
-                rows = []
-                for r in reader:
-                    line_of[id(r)] = reader.line_num
-                    rows.append(r)
-        except UnicodeDecodeError as exc:
-            raise DatasetError(f"CSV: {self.csv_path} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
-                               "save it as UTF-8") from None
-        if not header:
-            raise DatasetError(f"CSV: {self.csv_path} is empty (no header row)")
-        repeated = sorted({c for c in header if header.count(c) > 1})
-        if repeated:
-            raise DatasetError(f"CSV: {self.csv_path} repeats the column name(s) {repeated}: each column needs its "
-                               "own name")
+        table = read_csv_rows(self.csv_path, self.name)
+        column = self._path_column(table, column)
+        self.label_columns = self._label_columns(table, label)
+        rows = self._split_rows(table, split, split_column)
+        self._paths, rows = self._rows_with_files(rows, column, check_files)
+        self.classes = None
+        self._targets = self._row_targets(rows)
+        if channel_names_column in table.header:
+            self._row_channel_names = [_channel_names(r[channel_names_column]) for _, r in rows]
+        self._finalize(f"{self.csv_path} has no usable rows" + (f" for split {split!r}" if split is not None else ""))
+
+    # -- construction steps, in order ------------------------------------------------------------------------
+
+    def _path_column(self, table: CSVTable, column: Optional[str]) -> str:
+        """The column naming each row's image: `column`, else the first of PATH_COLUMNS present."""
         if column is None:
-            column = next((c for c in PATH_COLUMNS if c in header), None)
+            column = next((c for c in PATH_COLUMNS if c in table.header), None)
             if column is None:
                 raise DatasetError(f"CSV: {self.csv_path} has no path column (looked for {', '.join(PATH_COLUMNS)}; "
-                                   f"columns are {header}); pass column=<name>")
-        elif column not in header:
-            raise DatasetError(f"CSV: {self.csv_path} has no column {column!r} (columns are {header})")
-        label_cols = parse_list(label)
-        if label_cols is None and "label" in header:
-            label_cols = ["label"]
-        for c in label_cols or []:
-            if c not in header:
-                raise DatasetError(f"CSV: {self.csv_path} has no label column {c!r} (columns are {header})")
-        if split is not None:
-            if split_column not in header:
-                raise DatasetError(f"CSV: split={split!r} but {self.csv_path} has no {split_column!r} column")
-            rows = [r for r in rows if r[split_column] == split]
+                                   f"columns are {table.header}); pass column=<name>")
+        elif column not in table.header:
+            raise DatasetError(f"CSV: {self.csv_path} has no column {column!r} (columns are {table.header})")
+        return column
 
-        paths, kept, missing = [], [], 0
-        for r in rows:
+    def _label_columns(self, table: CSVTable, label) -> Optional[list]:
+        """label=a,b -> ['a', 'b']; no label key -> ['label'] when that column exists, else None (target 0)."""
+        columns = parse_list(label)
+        if columns is None and "label" in table.header:
+            columns = ["label"]
+        for c in columns or []:
+            if c not in table.header:
+                raise DatasetError(f"CSV: {self.csv_path} has no label column {c!r} (columns are {table.header})")
+        return columns
+
+    def _split_rows(self, table: CSVTable, split: Optional[str], split_column: str) -> list:
+        if split is None:
+            return table.rows
+        if split_column not in table.header:
+            raise DatasetError(f"CSV: split={split!r} but {self.csv_path} has no {split_column!r} column")
+        return [(line, r) for line, r in table.rows if r[split_column] == split]
+
+    def _rows_with_files(self, rows: list, column: str, check_files: bool):
+        """-> (image paths, their rows). A row whose file is missing (check_files) is an error or, with
+        on_error=skip, dropped (counted, logged)."""
+        paths, kept = [], []
+        for line, r in rows:
             rel = (r.get(column) or "").strip()
             if not rel:
-                raise DatasetError(f"CSV: {self.csv_path} row {line_of[id(r)]}: empty {column!r}")
+                raise DatasetError(f"CSV: {self.csv_path} row {line}: empty {column!r}")
             p = rel if os.path.isabs(rel) else os.path.join(self.root, rel)
             if check_files and not os.path.exists(p):
-                if self.on_error == "skip":
-                    missing += 1
-                    self.skipped.increment()
-                    logger.warning("CSV: %s row %d: missing file %s (skipped)", self.csv_path, line_of[id(r)], p)
-                    continue
-                raise DatasetError(f"CSV: {self.csv_path} row {line_of[id(r)]}: file not found: {p}")
+                self._missing_file(f"{self.csv_path} row {line}", p)
+                continue
             paths.append(p)
-            kept.append(r)
-        self.missing_files = missing
+            kept.append((line, r))
+        return paths, kept
 
-        self.label_columns = label_cols
-        self.classes = None
-        if not label_cols:
-            targets = [0] * len(kept)
-        elif len(label_cols) == 1:
-            values = [(r[label_cols[0]] or "").strip() for r in kept]
-            empty = [line_of[id(r)] for r, v in zip(kept, values) if not v]
-            if empty:
-                logger.warning("CSV: %s: %d row(s) with an empty %r cell (first: row %d) form a class of their own, "
-                               "named ''", self.csv_path, len(empty), label_cols[0], empty[0])
-            ints = [_as_int(v) for v in values]
-            if all(v is not None for v in ints):
-                targets = ints
-            else:
-                self.classes = sorted(set(values))
-                index = {c: i for i, c in enumerate(self.classes)}
-                targets = [index[v] for v in values]
-        else:
-            targets = [
-                np.array([(r[c] or "").strip().lower() in TRUE_STRINGS for c in label_cols], dtype=np.int64)
-                for r in kept
-            ]
-        if channel_names_column in header:
-            self._row_channel_names = [
-                [n for n in (r[channel_names_column] or "").split(";") if n] or None for r in kept
-            ]
-        self._paths, self._targets = paths, targets
-        self._finalize(f"{self.csv_path} has no usable rows" + (f" for split {split!r}" if split is not None else ""))
+    def _row_targets(self, rows: list) -> list:
+        if not self.label_columns:
+            return [0] * len(rows)
+        if len(self.label_columns) == 1:
+            return self._single_label_targets(rows, self.label_columns[0])
+        # several columns: a multi-hot vector of the cells that say yes (True, 1, ...)
+        return [np.array([(r[c] or "").strip().lower() in TRUE_WORDS for c in self.label_columns], dtype=np.int64)
+                for _, r in rows]
+
+    def _single_label_targets(self, rows: list, column: str) -> list:
+        """Integer cells are the targets; otherwise each distinct value is a class (sorted into self.classes)."""
+        values = [(r[column] or "").strip() for _, r in rows]
+        empty = [line for (line, _), v in zip(rows, values) if not v]
+        if empty:
+            logger.warning("CSV: %s: %d row(s) with an empty %r cell (first: row %d) form a class of their own, "
+                           "named ''", self.csv_path, len(empty), column, empty[0])
+        ints = [_as_int(v) for v in values]
+        if all(v is not None for v in ints):
+            return ints
+        self.classes = sorted(set(values))
+        index = {c: i for i, c in enumerate(self.classes)}
+        return [index[v] for v in values]
+
+
+def _channel_names(cell: Optional[str]) -> Optional[list]:
+    """A `channel_names` cell 'DNA;ER' -> ['DNA', 'ER']; an empty cell -> None (the dataset's names apply)."""
+    return [n for n in (cell or "").split(";") if n] or None
+
+
+def _folder_labels(labels) -> Optional[bool]:
+    """Folder's labels key: None for auto (sub-folders when every image lies in one), else parse_bool's words."""
+    if str(labels).strip().lower() == "auto":
+        return None
+    try:
+        return parse_bool(labels, "labels")
+    except DatasetError:
+        raise DatasetError(f"Folder: labels={labels!r}: expected auto, true or false") from None
 
 
 def _as_int(v: str) -> Optional[int]:

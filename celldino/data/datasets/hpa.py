@@ -4,15 +4,11 @@ Deliberate fixes are marked FIX and listed in docs/data.md."""
 
 from __future__ import annotations
 
-import csv
-import logging
 import os
 
 import numpy as np
 
-from .base import DatasetError, ImageDataset
-
-logger = logging.getLogger("celldino")
+from .base import WILDCARDS, DatasetError, ImageDataset, parse_choice, read_csv_rows
 
 __all__ = ["HPAone", "HPAFoV", "HPAONE_PROTEIN_LOCALIZATION", "HPAONE_CELL_TYPE", "HPAFOV_PROTEIN_LOCALIZATION",
            "HPAFOV_CELL_TYPE"]
@@ -44,25 +40,6 @@ HPAFOV_CELL_TYPE = [
 ]  # 35
 
 
-def _read_rows(path: str, required) -> list:
-    if not os.path.isfile(path):
-        raise DatasetError(f"missing metadata file {path}")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames or []
-        missing = [c for c in required if c not in header]
-        if missing:
-            raise DatasetError(f"{path}: missing column(s) {missing} (columns are {header})")
-        return list(reader)
-
-
-def _choice(value, allowed, key: str, dataset: str) -> str:
-    v = str(value).upper()
-    if v not in allowed:
-        raise DatasetError(f"{dataset}: {key}={value!r}: expected one of {', '.join(allowed)}")
-    return v
-
-
 class HPAone(ImageDataset):
     """HPA single-cell crops (4 channels: microtubules, protein, nucleus, ER; XChannels strip / RGBA PNG).
 
@@ -89,17 +66,17 @@ class HPAone(ImageDataset):
         if not root or not os.path.isdir(root):
             raise DatasetError(f"HPAone: root {root!r} does not exist or is not a directory")
         self.root = os.path.abspath(root)
-        self.split = _choice(split, self.SPLITS, "split", self.name)
+        self.split = parse_choice(split, self.SPLITS, "split", self.name)
         # the reference gives the (protein, cell type) tuple for any other mode, typos included: ALL or no mode
         # asks for it here, anything else is an error naming the key
-        self.mode = None if mode is None else _choice(mode, self.MODES, "mode", self.name)
+        self.mode = None if mode is None else parse_choice(mode, self.MODES, "mode", self.name)
         if self.split == "ALL":
-            rows = _read_rows(os.path.join(self.root, self.CSV_ALL), ["img_path"])
+            rows = self._rows(self.CSV_ALL, ["img_path"])
             self._paths = [os.path.join(self.root, self.VARIED_DIR, r["img_path"]) for r in rows]
             self._targets = [0] * len(rows)
         else:
-            csv_path = os.path.join(self.root, self.CSV_TRAIN if self.split == "TRAIN" else self.CSV_VAL)
-            rows = _read_rows(csv_path, ["file"] + HPAONE_PROTEIN_LOCALIZATION + HPAONE_CELL_TYPE)
+            rows = self._rows(self.CSV_TRAIN if self.split == "TRAIN" else self.CSV_VAL,
+                              ["file"] + HPAONE_PROTEIN_LOCALIZATION + HPAONE_CELL_TYPE)
             self._paths = [os.path.join(self.root, self.FIXED_DIR, r["file"].rsplit("/", 1)[-1]) for r in rows]
             prot = [np.array([r[c] == "True" for c in HPAONE_PROTEIN_LOCALIZATION], dtype=np.int64) for r in rows]
             cell = []
@@ -118,6 +95,9 @@ class HPAone(ImageDataset):
                 # get_target(i) returned whole columns; we return (protein vector, cell type) of sample i.
                 self._targets = list(zip(prot, cell))
         self._finalize(f"split {self.split} under {self.root}")
+
+    def _rows(self, csv_name: str, required) -> list:
+        return [row for _, row in read_csv_rows(os.path.join(self.root, csv_name), self.name, required).rows]
 
     @property
     def num_labels(self) -> int:
@@ -143,54 +123,58 @@ class HPAFoV(ImageDataset):
     NUM_CHANNELS = 4
 
     def __init__(self, root: str, *, split: str = "TRAIN", mode: str = "ALL", wildcard: str = "NONE", **kwargs):
-        wild = _choice(wildcard, ("NONE", "SEPARATE_CHANNELS"), "wildcard", self.name)
+        wild = parse_choice(wildcard, WILDCARDS, "wildcard", self.name)
         kwargs.setdefault("in_chans", None if kwargs.get("channels") else self.NUM_CHANNELS)
         super().__init__(separate_channels=wild == "SEPARATE_CHANNELS", **kwargs)
         if not root or not os.path.isdir(root):
             raise DatasetError(f"HPAFoV: root {root!r} does not exist or is not a directory")
         self.root = os.path.abspath(root)
-        self.split = _choice(split, self.SPLITS, "split", self.name)
-        self.mode = _choice(mode, self.MODES, "mode", self.name)
+        self.split = parse_choice(split, self.SPLITS, "split", self.name)
+        self.mode = parse_choice(mode, self.MODES, "mode", self.name)
         self.wildcard = wild
         if self.split == "SSL":
-            rows = _read_rows(os.path.join(self.root, "whole_images_names.csv"), ["ID"])
-            self._paths = [os.path.join(self.root, "normalized_data", r["ID"] + ".png") for r in rows]
-            self._targets = list(range(len(rows)))
+            table = read_csv_rows(os.path.join(self.root, "whole_images_names.csv"), self.name, ["ID"])
+            self._paths = [os.path.join(self.root, "normalized_data", r["ID"] + ".png") for _, r in table.rows]
+            self._targets = list(range(len(table.rows)))
         else:
-            csv_name = "whole_images_512_train.csv" if self.split == "TRAIN" else "whole_images_512_test.csv"
-            csv_path = os.path.join(self.root, csv_name)
-            required = ["file"] + (["cell_type"] if self.mode != "PROTEIN_LOCALIZATION" else [])
-            required += HPAFOV_PROTEIN_LOCALIZATION if self.mode != "CELL_TYPE" else []
-            rows = _read_rows(csv_path, required)
-            data_dir = os.path.join(self.root, "512_whole_images")
-            for line, r in enumerate(rows, start=2):
-                cell_type = prot = None
-                if self.mode != "PROTEIN_LOCALIZATION":
-                    ct = r["cell_type"]
-                    cell_type = HPAFOV_CELL_TYPE.index(ct) if ct in HPAFOV_CELL_TYPE else -1
-                if self.mode != "CELL_TYPE":
-                    prot = np.array([r[c] == "True" for c in HPAFOV_PROTEIN_LOCALIZATION], dtype=np.int64)
-                    if prot.max() < 0.5:
-                        continue
-                base = r["file"].split("/")[-1]
-                path = os.path.join(data_dir, base)
-                if not os.path.exists(path):
-                    path = os.path.join(data_dir, base.split(".")[0] + ".tiff")
-                    if not os.path.exists(path):
-                        if self.on_error == "skip":
-                            self.skipped.increment()
-                            logger.warning("HPAFoV: %s row %d: %s not found (skipped)", csv_path, line, path)
-                            continue
-                        raise DatasetError(f"HPAFoV: {csv_path} row {line}: image not found: {os.path.join(data_dir, base)} "
-                                           f"(nor {path})")
-                self._paths.append(path)
-                if self.mode == "PROTEIN_LOCALIZATION":
-                    self._targets.append(prot)
-                elif self.mode == "CELL_TYPE":
-                    self._targets.append(cell_type)
-                else:
-                    self._targets.append({"prot_loc": prot, "cell_type": cell_type})
+            self._read_labelled_split()
         self._finalize(f"split {self.split} under {self.root}")
+
+    def _read_labelled_split(self) -> None:
+        csv_name = "whole_images_512_train.csv" if self.split == "TRAIN" else "whole_images_512_test.csv"
+        required = ["file"] + (["cell_type"] if self.mode != "PROTEIN_LOCALIZATION" else [])
+        required += HPAFOV_PROTEIN_LOCALIZATION if self.mode != "CELL_TYPE" else []
+        table = read_csv_rows(os.path.join(self.root, csv_name), self.name, required)
+        for line, r in table.rows:
+            cell_type = prot = None
+            if self.mode != "PROTEIN_LOCALIZATION":
+                ct = r["cell_type"]
+                cell_type = HPAFOV_CELL_TYPE.index(ct) if ct in HPAFOV_CELL_TYPE else -1
+            if self.mode != "CELL_TYPE":
+                prot = np.array([r[c] == "True" for c in HPAFOV_PROTEIN_LOCALIZATION], dtype=np.int64)
+                if prot.max() < 0.5:
+                    continue
+            path = self._image_file(r["file"].split("/")[-1], f"{table.path} row {line}")
+            if path is None:
+                continue
+            self._paths.append(path)
+            if self.mode == "PROTEIN_LOCALIZATION":
+                self._targets.append(prot)
+            elif self.mode == "CELL_TYPE":
+                self._targets.append(cell_type)
+            else:
+                self._targets.append({"prot_loc": prot, "cell_type": cell_type})
+
+    def _image_file(self, base: str, where: str):
+        """512_whole_images/<base>, else the same name as .tiff (the reference's fallback); None when neither
+        exists and on_error=skip (counted, logged)."""
+        data_dir = os.path.join(self.root, "512_whole_images")
+        named, tiff = os.path.join(data_dir, base), os.path.join(data_dir, base.split(".")[0] + ".tiff")
+        for path in (named, tiff):
+            if os.path.exists(path):
+                return path
+        self._missing_file(where, named, f" (nor {tiff})")
+        return None
 
     @property
     def num_labels(self):
