@@ -17,9 +17,10 @@ from enum import Enum
 import torch
 
 from celldino.models import ARCHS, DinoVisionTransformer, arch_builder
-from celldino.models.checkpoint import (CheckpointError, decode_metadata, infer_model_kwargs,
-                                        load_backbone_state_dict, load_state_dict_strict, remap_block_keys, save_pth,
-                                        save_safetensors)
+from celldino.models.checkpoint import (CheckpointError, backbone_export_metadata, decode_metadata,
+                                        infer_model_kwargs, load_backbone_state_dict, load_state_dict_strict,
+                                        remap_block_keys, save_pth, save_safetensors)
+from celldino.models.vision_transformer import arch_of
 
 logger = logging.getLogger("celldino")
 
@@ -188,20 +189,6 @@ HUB_MODELS = {fn.__name__: fn for fn in (cell_dino_hpa_vitl16, cell_dino_hpa_vit
 
 # ---- export ---------------------------------------------------------------------------------------------------------
 
-def _export_metadata(model):
-    config = dict(model.config)
-    arch = next((name for name, dims in ARCHS.items()
-                 if dims["embed_dim"] == config["embed_dim"] and dims["depth"] == config["depth"]
-                 and dims["num_heads"] == config["num_heads"]), None)
-    meta = {"arch": arch, **config}
-    try:
-        from importlib.metadata import version
-        meta["celldino_version"] = version("celldino")
-    except Exception:
-        pass
-    return meta
-
-
 def export_backbone(source, output_dir, name, block_chunks=4, arch=None, **model_kwargs):
     """Write a backbone as `<name>.safetensors` (weights + model settings as metadata) and `<name>.pth` (reference
     hub format: a plain state dict with `blocks.<chunk>.<index>` keys for block_chunks > 0), atomically.
@@ -216,8 +203,7 @@ def export_backbone(source, output_dir, name, block_chunks=4, arch=None, **model
     else:
         model = load_backbone(source, arch=arch, **model_kwargs)
     state_dict = remap_block_keys(model.state_dict(), block_chunks, model.n_blocks)
-    metadata = _export_metadata(model)
-    metadata["block_chunks"] = block_chunks
+    metadata = backbone_export_metadata(model, block_chunks=block_chunks)
     os.makedirs(output_dir, exist_ok=True)
     paths = {"safetensors": os.path.join(output_dir, f"{name}.safetensors"),
              "pth": os.path.join(output_dir, f"{name}.pth")}
@@ -251,7 +237,7 @@ def add_arguments(parser):
 
 def _default_name(model):
     short = {"vit_small": "vits", "vit_base": "vitb", "vit_large": "vitl", "vit_giant2": "vitg"}
-    arch = _export_metadata(model)["arch"]
+    arch = arch_of(model.embed_dim, model.n_blocks, model.num_heads)
     return f"celldino_{short.get(arch, 'vit')}{model.patch_size}"
 
 

@@ -17,6 +17,7 @@ block_chunks the target model uses. Loading is strict: a mismatch raises Checkpo
 missing, unexpected and wrongly shaped keys. (The reference evaluation loader uses strict=False, which silently
 leaves blocks at random init when chunking differs; celldino deliberately does not.)
 """
+import contextlib
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ import torch
 from celldino.files import atomic_torch_save, atomic_write
 
 from .layers.mlp import swiglu_hidden_features
-from .vision_transformer import ARCHS, chunk_layout
+from .vision_transformer import ARCHS, arch_of, block_prefix, chunk_layout
 
 logger = logging.getLogger("celldino")
 
@@ -85,7 +86,7 @@ def read_checkpoint(path):
     except pickle.UnpicklingError as exc:
         match = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
         if match is None:
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)})") from exc
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({exception_summary(exc)})") from exc
         if "sharded_tensor" in match.group(1).lower():  # what FSDP1's LOCAL_STATE_DICT saves its flat shards as
             raise CheckpointError(_fsdp_sharded_message(path)) from exc
         raise CheckpointError(
@@ -114,10 +115,10 @@ def _directory_message(path):
     entries = os.listdir(path)
     inside = sorted(e for e in entries if e.endswith((".pth", ".pt", ".safetensors")))
     # the checkpoints/ folder itself (or the output directory) given: name its newest iter_<n>/
-    runs = sorted(e for e in entries if re.match(r"^iter_\d+$", e))
-    if not runs and os.path.isdir(os.path.join(path, "checkpoints")):
-        runs = sorted(os.path.join("checkpoints", e) for e in os.listdir(os.path.join(path, "checkpoints"))
-                      if re.match(r"^iter_\d+$", e))
+    runs = sorted(e for e in entries if ITER_DIR.match(e))
+    if not runs and os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
+        runs = sorted(os.path.join(CHECKPOINT_DIR, e) for e in os.listdir(os.path.join(path, CHECKPOINT_DIR))
+                      if ITER_DIR.match(e))
     text = (f"{path} is a directory but not a training checkpoint directory (no DCP .metadata / *.distcp files); "
             "expected a checkpoint file (a hub .pth, a training teacher_checkpoint.pth, a state dict or a celldino "
             ".safetensors export) or a `celldino train` checkpoints/iter_<n>/ directory")
@@ -129,9 +130,45 @@ def _directory_message(path):
 
 
 # ---- training checkpoint directories (torch.distributed.checkpoint) -------------------------------------------------
+# The layout `celldino train` writes (celldino/train/checkpointing.py) and this module reads, defined once here
+# because models must not import train.
 
+CHECKPOINT_DIR = "checkpoints"              # <output dir>/checkpoints/iter_<iteration:08d>/
+ITER_DIR = re.compile(r"^iter_(\d+)$")
+DCP_STATE_KEY = "train"                     # dcp.save({DCP_STATE_KEY: TrainState}): keys train.model.*, train.optim.*
+DCP_TRAIN_PREFIX = f"{DCP_STATE_KEY}.model."
 DCP_TEACHER_MARKER = "teacher.backbone."
-DCP_TRAIN_PREFIX = "train.model."
+
+
+def is_complete_checkpoint_dir(path):
+    """A checkpoint directory whose save finished: DCP's .metadata and celldino's meta.json are both written."""
+    return os.path.isfile(os.path.join(path, "meta.json")) and os.path.isfile(os.path.join(path, ".metadata"))
+
+
+@contextlib.contextmanager
+def dcp_single_process_quiet():
+    """DCP warns on every single-process save/load that it assumes a single process: that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def exception_summary(exc, limit=300):
+    """'Type: message' in one line for a log or an error. DCP's CheckpointException (a header line and each rank's
+    traceback, sometimes of an exception without a message) is summarised by its first failing rank's exception;
+    of a multi-line message, the last line that names an error (torch.load's weights-only explanation ends with a
+    link to the docs) or else the first line."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        rank, (cause, _) = min(failures.items(), key=lambda item: item[0])
+        return f"{type(exc).__name__} on rank {rank}: {exception_summary(cause, limit)}"[:limit]
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    named = [line for line in lines if _NAMES_AN_ERROR.search(line)]
+    text = named[-1] if named else (lines[0] if lines else "")
+    return f"{type(exc).__name__}: {text}"[:limit] if text else type(exc).__name__
+
+
+_NAMES_AN_ERROR = re.compile(r"\b\w*(Error|error|Exception)\b[^:]*:")
 
 
 def _dcp_teacher_keys(state_dict_metadata, path):
@@ -192,24 +229,18 @@ def read_dcp_teacher(path):
         metadata = dcp.FileSystemReader(path).read_metadata()
     except Exception as exc:  # noqa: BLE001 - a damaged .metadata can fail in pickle, EOF, ...
         raise CheckpointError(f"{path}: damaged training checkpoint: cannot read its DCP .metadata "
-                              f"({_first_line(exc)})") from exc
+                              f"({exception_summary(exc)})") from exc
     keys = _dcp_teacher_keys(metadata.state_dict_metadata, path)
     tensors = {fqn: torch.empty(metadata.state_dict_metadata[fqn].size,
                                 dtype=metadata.state_dict_metadata[fqn].properties.dtype) for fqn in keys}
     try:
-        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        with dcp_single_process_quiet():
             dcp.load(tensors, checkpoint_id=path, no_dist=True)
     except (Exception, CheckpointException) as exc:  # noqa: BLE001 - DCP's error is a BaseException
         raise CheckpointError(f"{path}: damaged training checkpoint: cannot read the teacher backbone "
-                              f"({_first_line(exc)})") from exc
+                              f"({exception_summary(exc)})") from exc
     backbone = {DCP_TEACHER_MARKER + name: tensors[fqn] for fqn, name in keys.items()}
     return backbone, _dcp_backbone_settings(path)
-
-
-def _first_line(exc):
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[-1] if lines else ''}"
 
 
 def _strip_wrappers(key):
@@ -278,10 +309,6 @@ def block_index(key):
     if match:
         return int(match.group(1)), match.group(2)
     return None
-
-
-def block_prefix(index, chunk_of):
-    return f"blocks.{index}" if chunk_of is None else f"blocks.{chunk_of[index]}.{index}"
 
 
 def remap_block_keys(state_dict, block_chunks, depth=None):
@@ -380,11 +407,9 @@ def infer_model_kwargs(state_dict, source="checkpoint"):
         init_values=1.0 if "ls1.gamma" in names else None,  # the value is overwritten by the loaded gamma
         num_register_tokens=int(registers.shape[1]) if registers is not None else 0,
     )
-    kwargs["arch"] = None
-    for arch, dims in ARCHS.items():
-        if dims["embed_dim"] == embed_dim and dims["depth"] == depth:
-            kwargs["arch"] = arch
-            kwargs["num_heads"] = dims["num_heads"]
+    kwargs["arch"] = arch_of(embed_dim, depth)
+    if kwargs["arch"] is not None:
+        kwargs["num_heads"] = ARCHS[kwargs["arch"]]["num_heads"]
     return kwargs
 
 
@@ -452,6 +477,20 @@ def decode_metadata(metadata):
 def _plain_tensors(state_dict):
     # contiguous, unshared CPU copies: safetensors refuses shared storage and views
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+
+
+def backbone_export_metadata(backbone, **extra):
+    """What every celldino safetensors export (and a training checkpoint's meta.json) records about a backbone:
+    its ARCHS name (None for custom sizes), every constructor setting, the celldino version, and `extra`."""
+    config = dict(backbone.config)
+    meta = {"arch": arch_of(config["embed_dim"], config["depth"], config["num_heads"]), **config}
+    try:
+        from importlib.metadata import version
+        meta["celldino_version"] = version("celldino")
+    except Exception:  # noqa: BLE001 - running from a source tree that was never installed
+        pass
+    meta.update(extra)
+    return meta
 
 
 def save_safetensors(state_dict, path, metadata=None):

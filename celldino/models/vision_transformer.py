@@ -40,6 +40,11 @@ def _ffn_class(ffn_layer):
     raise ValueError(f"ffn_layer must be one of {FFN_LAYERS}, got {ffn_layer!r}")
 
 
+def block_prefix(index, chunk_of):
+    """State-dict prefix of block `index` under the chunk layout `chunk_of` (None: unchunked)."""
+    return f"blocks.{index}" if chunk_of is None else f"blocks.{chunk_of[index]}.{index}"
+
+
 def chunk_layout(depth, block_chunks):
     """Chunk index of every block for `block_chunks` (reference rule: chunks of depth // block_chunks blocks, so a
     depth that is not a multiple gives extra chunks); None when unchunked (block_chunks <= 0)."""
@@ -131,9 +136,7 @@ class DinoVisionTransformer(nn.Module):
 
     def block_prefix(self, index):
         """State-dict prefix of block `index`: 'blocks.<chunk>.<index>' when chunked, else 'blocks.<index>'."""
-        if self._chunk_of is None:
-            return f"blocks.{index}"
-        return f"blocks.{self._chunk_of[index]}.{index}"
+        return block_prefix(index, self._chunk_of)
 
     # ---- tokens --------------------------------------------------------------------------------------------------
 
@@ -286,6 +289,14 @@ ARCHS = {
     "vit_large": dict(embed_dim=1024, depth=24, num_heads=16),
     "vit_giant2": dict(embed_dim=1536, depth=40, num_heads=24),  # head dim 64
 }
+
+
+def arch_of(embed_dim, depth, num_heads=None):
+    """The ARCHS name of a width and depth (and head count, when given), or None for a custom size."""
+    for name, dims in ARCHS.items():
+        if dims["embed_dim"] == embed_dim and dims["depth"] == depth and num_heads in (None, dims["num_heads"]):
+            return name
+    return None
 
 
 def _build(arch, patch_size, num_register_tokens, in_chans, channel_adaptive, kwargs):

@@ -11,14 +11,11 @@ save goes to a temporary directory that is renamed once every rank has finished 
 so a kill during a save leaves the previous checkpoint usable. The newest `keep` checkpoints are kept.
 `iteration` in meta.json is the last completed iteration (the reference's convention): training resumes at +1.
 """
-import contextlib
 import json
 import logging
 import os
-import re
 import shutil
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -29,13 +26,13 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 
 from celldino.files import atomic_torch_save
+from celldino.models.checkpoint import (CHECKPOINT_DIR, DCP_STATE_KEY, ITER_DIR, backbone_export_metadata,
+                                        dcp_single_process_quiet, exception_summary, is_complete_checkpoint_dir)
 
 from . import distributed
 
 logger = logging.getLogger("celldino")
 
-CHECKPOINT_DIR = "checkpoints"
-_NAME = re.compile(r"^iter_(\d+)$")
 
 
 class NoUsableCheckpointError(RuntimeError):
@@ -76,18 +73,10 @@ def list_checkpoints(output_dir):
     found = []
     if root.is_dir():
         for path in root.iterdir():
-            match = _NAME.match(path.name)
-            if match and (path / "meta.json").is_file() and (path / ".metadata").is_file():
+            match = ITER_DIR.match(path.name)
+            if match and is_complete_checkpoint_dir(path):
                 found.append((int(match.group(1)), path))
     return sorted(found)
-
-
-@contextlib.contextmanager
-def _single_process_quiet():
-    """DCP warns on every single-process save/load that it assumes a single process: that is the intent."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
 
 
 def _fsync_dir(path):
@@ -115,8 +104,8 @@ def save_checkpoint(output_dir, iteration, state, keep=3, extra_meta=None):
             shutil.rmtree(tmp)
         tmp.mkdir()
     distributed.barrier()
-    with _single_process_quiet():
-        dcp.save({"train": state}, checkpoint_id=str(tmp), no_dist=not distributed.is_initialized())
+    with dcp_single_process_quiet():
+        dcp.save({DCP_STATE_KEY: state}, checkpoint_id=str(tmp), no_dist=not distributed.is_initialized())
     distributed.barrier()
     if distributed.is_main_process():
         meta = {"iteration": int(iteration), "world_size": distributed.world_size(), "time": time.time()}
@@ -180,7 +169,7 @@ def clean_partial_saves(output_dir):
                 logger.warning("removing an interrupted checkpoint save: %s", path)
                 shutil.rmtree(path, ignore_errors=True)
         for path in root.iterdir():
-            if _NAME.match(path.name) and not ((path / "meta.json").is_file() and (path / ".metadata").is_file()):
+            if ITER_DIR.match(path.name) and not is_complete_checkpoint_dir(path):
                 logger.error("ignoring incomplete checkpoint %s (no meta.json or .metadata)", path)
     distributed.barrier()
 
@@ -198,7 +187,7 @@ def load_latest(output_dir, state):
                 meta = json.load(f)
             iteration = int(meta["iteration"])
         except Exception as exc:  # noqa: BLE001 - reported below, after every rank has looked
-            problem = f"{type(exc).__name__}: {_first_line(exc)}"
+            problem = exception_summary(exc)
         else:
             problem = None
         # every rank takes the same branch (dcp.load is collective): one rank that cannot read it skips it for all
@@ -207,11 +196,10 @@ def load_latest(output_dir, state):
                          problem or "another rank cannot read its meta.json: is the output directory shared?")
             continue
         try:
-            with _single_process_quiet():
-                dcp.load({"train": state}, checkpoint_id=path, no_dist=not distributed.is_initialized())
+            with dcp_single_process_quiet():
+                dcp.load({DCP_STATE_KEY: state}, checkpoint_id=path, no_dist=not distributed.is_initialized())
         except (Exception, CheckpointException) as exc:  # noqa: BLE001 - DCP's error is a BaseException
-            logger.error("cannot load checkpoint %s (%s: %s); trying an older one", path, type(exc).__name__,
-                         _first_line(exc))
+            logger.error("cannot load checkpoint %s (%s); trying an older one", path, exception_summary(exc))
             continue
         logger.info("resumed from %s (iteration %d, saved by %d ranks)", path, meta["iteration"],
                     meta.get("world_size", 1))
@@ -222,19 +210,11 @@ def load_latest(output_dir, state):
     return None, None
 
 
-def _first_line(exc):
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else ""
-
-
 # ---- teacher export ------------------------------------------------------------------------------------------------
 
 def backbone_metadata(backbone, cfg):
     """The settings that rebuild `backbone` (safetensors export metadata; meta.json of every checkpoint)."""
-    from celldino.models import ARCHS
-    config = dict(backbone.config)
-    arch = next((name for name, dims in ARCHS.items() if all(config[k] == v for k, v in dims.items())), None)
-    return {"arch": arch, **config, "source": "celldino train", "student_arch": str(cfg.student.arch)}
+    return backbone_export_metadata(backbone, source="celldino train", student_arch=str(cfg.student.arch))
 
 
 def export_teacher(model, cfg, output_dir, tag):

@@ -31,3 +31,12 @@ def test_only_teacher_and_overrides():
     student, _, _ = build_model(cfg.student, img_size=32)
     assert [b.sample_drop_ratio for b in student.iter_blocks()] == [0.0, 0.15, 0.3]
     assert student(torch.randn(1, 2, 32, 32)).shape == (1, 48)
+
+
+def test_arch_of_names_the_standard_sizes_only():
+    from celldino.models.vision_transformer import ARCHS, arch_of
+    for name, dims in ARCHS.items():
+        assert arch_of(dims["embed_dim"], dims["depth"]) == name
+        assert arch_of(dims["embed_dim"], dims["depth"], dims["num_heads"]) == name
+        assert arch_of(dims["embed_dim"], dims["depth"], dims["num_heads"] + 1) is None
+    assert arch_of(32, 2) is None
