@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import List, Optional
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 
 from celldino.data.datasets import ImageDataset
+
+from . import _dist
 
 logger = logging.getLogger("celldino")
 
@@ -121,6 +124,58 @@ def warn_if_crop_pads(dataset, crop_size: int, resize_size: int = 0, what: str =
                    crop_size, crop_size, crop_size * crop_size / max(1, h * w),
                    max(multiple_of, min(h, w) // multiple_of * multiple_of))
     return True
+
+
+# ---- the evaluation splits, built and checked once -------------------------------------------------------------
+
+@dataclass
+class EvalDatasets:
+    """The splits of one evaluation: datasets by split key ("train" first), their names (result keys such as
+    "<name>_10 Top 1", messages) and the class names they share (None when train has none)."""
+
+    datasets: Dict[str, Any]
+    names: Dict[str, str]
+    class_names: Optional[List[str]]
+
+    @property
+    def train_where(self) -> str:
+        """How errors name the train split: "the train split", plus its name unless that is just "train"."""
+        name = self.names["train"]
+        return "the train split" + ("" if name == "train" else f" {name}")
+
+
+def prepare_eval_datasets(splits: Dict[str, Any], *, crop_size: int = 384, resize_size: int = 0,
+                          names: Optional[Dict[str, str]] = None, model=None, group=None) -> EvalDatasets:
+    """The set-up shared by eval knn and eval linear (API and CLI), so they cannot drift apart. `splits`: {key:
+    dataset object, or string built with the center-crop eval transform}, "train" first; None entries are left
+    out. Each split is named by `names[key]`, else its string, else the dataset's `name`, else its key (one rule
+    for every split). The splits get train's label space, a one-class train split is refused before any feature
+    is extracted, and on the main rank one warning says when string-built train images are smaller than the
+    crop (`model` gives the patch size the suggested crop is rounded to)."""
+    names = dict(names or {})
+    built = {}
+    for key, ds in splits.items():
+        if ds is None:
+            continue
+        if isinstance(ds, str):
+            names.setdefault(key, ds)
+            ds = make_eval_dataset(ds, crop_size=crop_size, resize_size=resize_size)
+        names.setdefault(key, getattr(ds, "name", key))
+        built[key] = ds
+    train = built["train"]
+    class_names = share_label_space(train, *(ds for key, ds in built.items() if key != "train"))
+    prepared = EvalDatasets(built, names, class_names)
+    require_several_classes(train, prepared.train_where)
+    # a dataset object brings its own transform: the crop options say nothing about it
+    if isinstance(splits["train"], str) and _dist.is_main_process(group):
+        warn_if_crop_pads(train, crop_size, resize_size, multiple_of=_patch_multiple(model))
+    return prepared
+
+
+def _patch_multiple(model) -> int:
+    from .features import patch_size_of  # features imports this module: import at call time
+
+    return (patch_size_of(model) or (1,))[0] if model is not None else 1
 
 
 def is_image_path(path: str) -> bool:

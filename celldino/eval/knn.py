@@ -470,30 +470,18 @@ def evaluate_knn(model, train_dataset, val_dataset, *, test_dataset=None, nb_knn
     Few-shot: n_per_class_list entries > 0 evaluate on n_tries random class-balanced train subsets; the
     results are then "<dataset>_<k> Top 1" (mean over tries, key suffix "_n<n>") and "... std".
     """
-    from .features import extract_features, patch_size_of
-    from .inputs import make_eval_dataset, require_several_classes, share_label_space, warn_if_crop_pads
+    from .features import extract_features
+    from .inputs import prepare_eval_datasets, require_several_classes
     from .metrics import per_class_report
 
     metric_t = parse_metric_type(metric)
-    names = dict(dataset_names or {})
-    datasets = {"train": train_dataset, "val": val_dataset}
-    if test_dataset is not None:
-        datasets["test"] = test_dataset
-    built = {}
-    for split, ds in datasets.items():
-        if isinstance(ds, str):
-            names.setdefault(split, ds)
-            ds = make_eval_dataset(ds, crop_size=crop_size, resize_size=resize_size)
-        names.setdefault(split, getattr(ds, "name", split) if split != "train" else "train")
-        built[split] = ds
-    shared_names = share_label_space(built["train"], built["val"], built.get("test"))
-    train_where = "the train split" + ("" if names["train"] == "train" else f" {names['train']}")
-    require_several_classes(built["train"], train_where)
-    if isinstance(train_dataset, str) and _dist.is_main_process(group):
-        warn_if_crop_pads(built["train"], crop_size, resize_size, multiple_of=(patch_size_of(model) or (1,))[0])
-    class_names = shared_names if class_names is None else class_names
+    prepared = prepare_eval_datasets({"train": train_dataset, "val": val_dataset, "test": test_dataset},
+                                     crop_size=crop_size, resize_size=resize_size, names=dataset_names, model=model,
+                                     group=group)
+    names, train_where = prepared.names, prepared.train_where
+    class_names = prepared.class_names if class_names is None else class_names
     feats = {}
-    for split, ds in built.items():
+    for split, ds in prepared.datasets.items():
         sub_cache = None if cache_dir is None else f"{cache_dir}/{split}"
         feats[split] = extract_features(model, ds, kind="knn", bag_of_channels=bag_of_channels, avgpool=avgpool,
                                         batch_size=batch_size, num_workers=num_workers, device=device,

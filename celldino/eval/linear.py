@@ -476,30 +476,17 @@ def evaluate_linear(model, train_dataset, val_dataset, *, test_datasets=None, mo
     otherwise). Returns the reference-named results {"<val>_accuracy": x100, "best_classifier": name,
     "<test>_accuracy": x100, ...} plus "note" when val = test; with output_dir also appends them to
     results_eval_linear.json (JSON lines)."""
-    from .features import extract_features, patch_size_of, resolve_device
-    from .inputs import make_eval_dataset, require_several_classes, share_label_space, warn_if_crop_pads
+    from .features import extract_features, resolve_device
+    from .inputs import make_eval_dataset, prepare_eval_datasets
 
     if mode not in ("augment", "features"):
         raise ValueError(f"mode {mode!r}: expected augment or features")
     device = resolve_device(device)
-    names = dict(dataset_names or {})
-    tests = list(test_datasets or [])
-
-    def build(ds, key, augment):
-        if isinstance(ds, str):
-            names.setdefault(key, ds)
-            return make_eval_dataset(ds, crop_size=crop_size, resize_size=resize_size, augment=augment)
-        names.setdefault(key, getattr(ds, "name", key))
-        return ds
-
-    train_eval = build(train_dataset, "train", augment=False)
-    val_ds = build(val_dataset, "val", augment=False)
-    test_ds = [build(ds, f"test{i}", augment=False) for i, ds in enumerate(tests)]
-    share_label_space(train_eval, val_ds, *test_ds)
-    require_several_classes(train_eval, "the train split" + ("" if names["train"] == "train" else
-                                                             f" {names['train']}"))
-    if isinstance(train_dataset, str) and _dist.is_main_process(group):
-        warn_if_crop_pads(train_eval, crop_size, resize_size, multiple_of=(patch_size_of(model) or (1,))[0])
+    tests = {f"test{i}": ds for i, ds in enumerate(test_datasets or [])}
+    prepared = prepare_eval_datasets({"train": train_dataset, "val": val_dataset, **tests}, crop_size=crop_size,
+                                     resize_size=resize_size, names=dataset_names, model=model, group=group)
+    names, built = prepared.names, prepared.datasets
+    train_eval, val_ds = built["train"], built["val"]
     results_path = os.path.join(output_dir, "results_eval_linear.json") if output_dir else None
     if output_dir:
         os.makedirs(output_dir, exist_ok=True)
@@ -514,7 +501,7 @@ def evaluate_linear(model, train_dataset, val_dataset, *, test_datasets=None, mo
         return f.features, f.labels
 
     val_f, val_y = feats(val_ds, "val")
-    test_sets = {names[f"test{i}"]: feats(ds, f"test{i}") for i, ds in enumerate(test_ds)}
+    test_sets = {names[key]: feats(built[key], key) for key in tests if key in built}
 
     if leave_one_out_dataset:
         train_f, train_y = feats(train_eval, "train")

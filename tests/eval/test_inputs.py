@@ -1,10 +1,15 @@
-"""What the evaluation commands read (celldino.eval.inputs): single-image inputs, bad paths, the padding warning.
-The shared label space is tested with kNN (test_knn.py), the one-class refusal through the CLI (test_cli.py)."""
+"""What the evaluation commands read (celldino.eval.inputs): single-image inputs, bad paths, the padding warning,
+the splits' names and checks shared by eval knn / eval linear. The shared label space is tested with kNN
+(test_knn.py), the one-class refusal through the CLI (test_cli.py)."""
 import numpy as np
 import pytest
 import tifffile
+import torch
 
-from celldino.eval.inputs import ImageFileDataset, build_input_dataset, dataset_spec, warn_if_crop_pads
+from celldino.eval.inputs import (ImageFileDataset, build_input_dataset, dataset_spec, prepare_eval_datasets,
+                                  warn_if_crop_pads)
+
+from eval_helpers import TensorItems, tiny_vit
 
 
 def test_padding_warning_for_images_smaller_than_the_crop(tmp_path, caplog):
@@ -34,3 +39,54 @@ def test_single_image_inputs_and_bad_paths(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such folder, CSV or image file"):
         dataset_spec(str(tmp_path / "absent.tif"))
     assert dataset_spec("HPAone:split=TRAIN:root=/x") == "HPAone:split=TRAIN:root=/x"
+
+
+class _Plates(TensorItems):
+    """A dataset object with a name and targets, as a user's own dataset class might have."""
+
+    name = "Plates"
+
+    def get_targets(self):
+        return np.asarray(self.targets)
+
+
+def _folder_with_classes(root, classes, size=20):
+    from PIL import Image
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for j in range(2):
+            Image.fromarray(np.full((size, size), 10 * j + 1, dtype=np.uint8)).save(root / c / f"{j}.png")
+    return f"Folder:root={root}"
+
+
+def test_every_split_is_named_by_one_rule_and_only_string_splits_warn(tmp_path, caplog):
+    """Given name, else the dataset string, else the object's `name`, else the split key, train included (kNN
+    used to call an object train split "train" whatever its name; linear used its name)."""
+    images = [torch.zeros(1, 8, 8)] * 4
+    p = prepare_eval_datasets({"train": _Plates(images, [0, 1, 0, 1]), "val": TensorItems(images, [1, 0, 1, 0]),
+                               "test": None}, names={"val": "V"})
+    assert p.names == {"train": "Plates", "val": "V"} and list(p.datasets) == ["train", "val"]
+    assert p.train_where == "the train split Plates" and p.class_names is None
+    assert prepare_eval_datasets({"train": TensorItems(images, [0, 1, 0, 1]), "val": None}).train_where == \
+        "the train split"
+    spec = _folder_with_classes(tmp_path / "cells", "ab")
+    with caplog.at_level("WARNING", logger="celldino"):
+        p = prepare_eval_datasets({"train": spec, "val": spec}, crop_size=64, model=tiny_vit(in_chans=1))
+        prepare_eval_datasets({"train": p.datasets["train"], "val": spec}, crop_size=64)  # an object: no warning
+    assert p.names == {"train": spec, "val": spec} and p.class_names == ["a", "b"]
+    assert p.train_where == f"the train split {spec}"
+    (warning,) = [r.getMessage() for r in caplog.records if "smaller than the crop size" in r.getMessage()]
+    assert "is 20x20" in warning and "--crop-size 16" in warning  # rounded down to the patch size 8
+
+
+def test_knn_and_linear_refuse_a_one_class_train_split_with_the_same_words():
+    from celldino.eval.knn import evaluate_knn
+    from celldino.eval.linear import evaluate_linear
+
+    images, model = [torch.zeros(1, 8, 8)] * 4, tiny_vit(in_chans=1)
+    val = TensorItems(images, [0, 1, 0, 1])
+    for evaluate in (evaluate_knn, evaluate_linear):
+        with pytest.raises(ValueError, match=r"^the train split Plates has a single class \(label 0 for all 4 "):
+            evaluate(model, _Plates(images, [0] * 4), val, progress=False)
+        with pytest.raises(ValueError, match=r"^the train split T has a single class"):
+            evaluate(model, _Plates(images, [0] * 4), val, dataset_names={"train": "T"}, progress=False)
