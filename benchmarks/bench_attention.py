@@ -219,7 +219,7 @@ def _time_modes(fn, q, k, v, grad_out, device, reps):
     }
     graph.clear()  # frees the retained graph
     zero_grads()
-    return timings, common.peak_memory_mb(fwd_bwd, device=device)
+    return timings, common.peak_extra_memory_mb(fwd_bwd, device=device)
 
 
 def _cases(args, on_gpu):

@@ -144,7 +144,7 @@ def run(args):
             try:
                 _, idx = fn()
                 timing = _time(fn, device, reps)
-                peak = common.peak_memory_mb(fn, device)
+                peak = common.peak_extra_memory_mb(fn, device)
             except torch.cuda.OutOfMemoryError as exc:  # report, keep going
                 print(f"  knn {shape} {name}: out of memory ({exc})", flush=True)
                 torch.cuda.empty_cache()

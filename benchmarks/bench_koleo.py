@@ -51,7 +51,7 @@ def run(args):
                             x.grad = None
                             fn(x).backward()
                     timing = common.bench(call, device=device, **common.reps_for(device))
-                    peak = common.peak_memory_mb(call, device)
+                    peak = common.peak_extra_memory_mb(call, device)
                     if name == "reference":
                         baseline_ms = timing[0]
                     rows.append(common.row("koleo", "koleo", name, f"{B}x{D}", dtype, mode, timing, flops=flops,

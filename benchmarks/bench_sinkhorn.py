@@ -72,7 +72,7 @@ def run(args):
             for name, fn in providers:
                 call = lambda fn=fn: fn(logits, TEMP, N_ITER)  # noqa: E731
                 timing = common.bench(call, device=device, **common.reps_for(device))
-                peak = common.peak_memory_mb(call, device)
+                peak = common.peak_extra_memory_mb(call, device)
                 if name == "dinov2":
                     baseline_ms = timing[0]
                 rows.append(common.row("sinkhorn", op, name, f"{n_rows}x{K}", dtype, "fwd", timing,

@@ -34,6 +34,8 @@ import traceback
 import torch
 import torch.nn.functional as F
 
+from celldino.hardware import peak_tflops
+
 from . import common, step_profile, train_e2e
 
 TINY = ["student.arch=vit_small", "student.embed_dim=64", "student.depth=2", "student.num_heads=2",
@@ -307,7 +309,7 @@ def run(args):
     batches = getattr(args, "train_batch", None) or ([16, 32] if not quick else [4])
     steps = getattr(args, "train_steps", None) or (20 if not quick else 3)
     warmup = 5 if on_gpu else 1
-    peak = common.peak_tflops(device)
+    peak = peak_tflops(device)
     if not on_gpu:
         # tiny LayerScale (1e-5) gradients underflow to fp32 denormals, which x86 CPUs process ~100x slower
         # (GPUs do not): flush them for both providers so the CPU rows time the code, not denormal stalls

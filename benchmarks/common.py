@@ -8,7 +8,6 @@ thing they are compared with; speed-ups are ratios of those same-run medians.
 import csv
 import datetime as _dt
 import math
-import os
 import statistics
 import subprocess
 import time
@@ -17,35 +16,13 @@ from pathlib import Path
 import torch
 
 from celldino.files import atomic_write
+from celldino.hardware import device_name
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 COLUMNS = ["bench", "op", "provider", "shape", "dtype", "mode", "median_ms", "p20_ms", "p80_ms",
            "tflops", "gbps", "items_per_s", "peak_mem_mb", "speedup_vs_baseline", "baseline", "device",
            "torch", "triton", "commit", "date", "note"]
-
-# bf16 dense peak TFLOP/s, torchtitan's table (tools/utils.py get_peak_flops), for MFU.
-PEAK_BF16_TFLOPS = {"A100": 312.0, "H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "B200": 2250.0}
-
-
-def device_name(device=None):
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    import platform
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-
-
-def peak_tflops(device=None):
-    """bf16 dense peak of this GPU per the torchtitan table; None on CPU or an unknown GPU."""
-    name = device_name(device)
-    if name.startswith("cpu"):
-        return None
-    for key in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):
-        if key in name and (key != "H100" or "PCIe" not in name):
-            return PEAK_BF16_TFLOPS[key]
-    return None
-
 
 def _git_commit():
     try:
@@ -165,7 +142,7 @@ def bench(fn, warmup=3, rep=10, device=None):
     return summarize(times)
 
 
-def peak_memory_mb(fn, device=None):
+def peak_extra_memory_mb(fn, device=None):
     """Peak extra CUDA memory of one `fn()` call in MB (None on CPU)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type != "cuda":

@@ -95,16 +95,6 @@ def ssl_step_flops(model, cfg, batch_size, n_masked):
     return 3 * student_flops + teacher_flops, g_tokens + l_tokens
 
 
-def peak_tflops(device):
-    if device.type != "cuda":
-        return None
-    try:
-        from celldino.benchmarks.common import peak_tflops as table_peak
-    except ImportError:  # benchmarks not installed
-        return None
-    return table_peak(device)
-
-
 def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20

@@ -29,12 +29,13 @@ import torch
 from omegaconf import OmegaConf
 
 from celldino.config import apply_scaling_rules_to_cfg, config_differences, save_config
+from celldino.hardware import peak_tflops
 
 from . import distributed
 from .checkpointing import (TrainState, backbone_metadata, clean_partial_saves, export_teacher, load_latest,
                             save_checkpoint, set_aside_checkpoints)
 from .data import augment_on_device, augmentation_mode, build_train_loader, derive_seed, open_train_dataset
-from .metrics import MetricsWriter, Progress, SmoothedValue, peak_memory_mb, peak_tflops, ssl_step_flops
+from .metrics import MetricsWriter, Progress, SmoothedValue, peak_memory_mb, ssl_step_flops
 from .optim import apply_optim_scheduler, build_optimizer
 from .parallel import fsdp_setting, make_plan, parallelize
 from .schedules import build_schedulers
