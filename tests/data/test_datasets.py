@@ -553,6 +553,9 @@ def test_reference_csvs_get_the_generic_csv_checks(tmp_path):
     meta.write_text("file_path,train_test_split,label,label\nCP/a.png,Train,DMSO,DMSO\n")
     with pytest.raises(DatasetError, match=r"repeats the column name\(s\) \['label'\]"):
         build_dataset(f"CHAMMI_CP:split=TRAIN:root={tmp_path}")
+    # a repeated column the dataset does not read, and blank names from trailing commas, are fine
+    meta.write_text("file_path,train_test_split,label,note,note,,\nCP/a.png,Train,DMSO,x,y,,\n")
+    assert len(build_dataset(f"CHAMMI_CP:split=TRAIN:root={tmp_path}")) == 1
     meta.write_text("file_path,train_test_split,label\nCP/a.png,Train," + "x" * 200_000 + "\n")
     with pytest.raises(DatasetError, match=r"morphem70k_v2.csv line 2: not valid CSV \(field larger"):
         build_dataset(f"CHAMMI_CP:split=TRAIN:root={tmp_path}")

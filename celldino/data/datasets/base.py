@@ -88,8 +88,12 @@ def read_csv_rows(path: str, owner: str, required: Sequence[str] = ()) -> CSVTab
     header, rows = _csv_header_and_rows(path, owner)
     if not header:
         raise DatasetError(f"{owner}: {path} is empty (no header row)")
-    repeated = sorted({c for c in header if header.count(c) > 1})
-    if repeated:  # csv.DictReader would silently keep the last of the same-named cells
+    # csv.DictReader would silently keep the last of the same-named cells: an error for the columns a dataset reads
+    # (all of them for the CSV dataset, whose columns the user picks; the named ones for the reference datasets,
+    # whose real metadata files may repeat a column they never read). Blank names (trailing commas) never count.
+    read = set(required) if required else set(header)
+    repeated = sorted({c for c in header if c and c in read and header.count(c) > 1})
+    if repeated:
         raise DatasetError(f"{owner}: {path} repeats the column name(s) {repeated}: each column needs its own name")
     missing = [c for c in required if c not in header]
     if missing:
