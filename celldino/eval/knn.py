@@ -21,8 +21,10 @@ either way, but the multi-label 0.5 threshold then depends on the other k's aske
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -44,6 +46,7 @@ __all__ = [
     "class_indices_mapping",
     "few_shot_subsets",
     "knn_leave_one_out",
+    "read_leave_one_out_groups",
     "evaluate_knn",
     "VOTING",
 ]
@@ -396,6 +399,29 @@ def few_shot_subsets(train_labels, n_or_percent_per_class, n_tries: int = 1) -> 
 
 # ---- leave-one-out (CHAMMI HPA task 3 / CP task 4) ---------------------------------------------------------
 
+def read_leave_one_out_groups(csv_path: str, n_test: Optional[int] = None) -> np.ndarray:
+    """Group id of each test sample from CHAMMI's enriched_meta.csv, as the reference: a path containing "HPA"
+    -> rows with Task_three true, grouped by cell_type; otherwise rows with Task_four true, grouped by Plate. The
+    rows (in file order) must line up with the test dataset."""
+    import pandas as pd
+
+    if not os.path.isfile(csv_path):
+        raise FileNotFoundError(f"leave-one-out metadata {csv_path} does not exist")
+    meta = pd.read_csv(csv_path)
+    task, column = ("Task_three", "cell_type") if "HPA" in os.path.basename(csv_path) or "HPA" in csv_path else \
+        ("Task_four", "Plate")
+    for c in (task, column):
+        if c not in meta.columns:
+            raise ValueError(f"{csv_path}: no {c!r} column (columns are {list(meta.columns)})")
+    flags = meta[task]
+    if flags.dtype != bool:
+        flags = flags.astype(str).str.lower().isin(["true", "1", "yes"])
+    groups = meta.loc[flags.values, column].astype(str).to_numpy()
+    if n_test is not None and len(groups) != n_test:
+        raise ValueError(f"{csv_path}: {len(groups)} {task} rows but the test set has {n_test} samples")
+    return groups
+
+
 def knn_leave_one_out(train_features, train_labels, test_features, test_labels, groups, nb_knn, T=0.07,
                       num_classes: Optional[int] = None, score_labels: Optional[Sequence[int]] = None,
                       **kw) -> Dict[int, float]:
@@ -455,77 +481,126 @@ def _unique_in_order(values):
 
 # ---- end to end on a model ----------------------------------------------------------------------------------
 
+LEAVE_ONE_OUT_METRIC = "leave-one-out macro F1 over labels 4, 5, 6"
+
+
 def evaluate_knn(model, train_dataset, val_dataset, *, test_dataset=None, nb_knn=(10, 20), temperature=0.07,
                  metric="mean_per_class_multiclass_f1", batch_size: int = 256, num_workers: int = 0,
                  device=None, autocast_dtype=None, bag_of_channels: bool = False, avgpool: bool = False,
                  crop_size: int = 384, resize_size: int = 0, n_per_class_list=(-1,), n_tries: int = 1,
                  voting: str = "per_k", dataset_names: Optional[Dict[str, str]] = None,
                  cache_dir: Optional[str] = None, progress: bool = True, group=None,
-                 class_names: Optional[Sequence[str]] = None) -> Dict:
+                 class_names: Optional[Sequence[str]] = None, leave_one_out_dataset: Optional[str] = None,
+                 output_dir: Optional[str] = None) -> Dict:
     """kNN-evaluate an in-memory backbone (random init or trained) on datasets (objects whose items are
     (image, target), or `Name:key=value` strings built with the center-crop eval transform).
 
     Returns {"metric", "results": {"<dataset>_<k> Top 1": value x 100, ...} (reference names),
     "scores": {split: {k: value x 100}}, "report": {split: per-class rows of the largest k}}.
+    metric=None: from the train labels (multilabel F1 for multi-hot labels, multiclass F1 otherwise).
     Few-shot: n_per_class_list entries > 0 evaluate on n_tries random class-balanced train subsets; the
     results are then "<dataset>_<k> Top 1" (mean over tries, key suffix "_n<n>") and "... std".
+    leave_one_out_dataset (CHAMMI enriched_meta.csv): the leave-one-out protocol on train + val instead, results
+    "<val>_<k> Top 1" = macro F1 over labels 4, 5, 6 x 100 (as the reference; the test split is not scored).
+    output_dir: created once the inputs are checked; the main rank appends the results to
+    results_eval_knn.json there (JSON lines {name: value}).
     """
     from .features import extract_features
-    from .inputs import prepare_eval_datasets, require_several_classes
-    from .metrics import per_class_report
+    from .inputs import prepare_eval_datasets
 
-    metric_t = parse_metric_type(metric)
+    metric_t = None if metric is None else parse_metric_type(metric)  # a misspelt metric fails before any work
     prepared = prepare_eval_datasets({"train": train_dataset, "val": val_dataset, "test": test_dataset},
                                      crop_size=crop_size, resize_size=resize_size, names=dataset_names, model=model,
                                      group=group)
-    names, train_where = prepared.names, prepared.train_where
-    class_names = prepared.class_names if class_names is None else class_names
+    if output_dir:  # before the long part: a path that cannot be created fails early
+        os.makedirs(output_dir, exist_ok=True)
+    # the leave-one-out protocol reads train + val only
+    splits = ("train", "val") if leave_one_out_dataset else tuple(prepared.datasets)
     feats = {}
-    for split, ds in prepared.datasets.items():
+    for split in splits:
         sub_cache = None if cache_dir is None else f"{cache_dir}/{split}"
-        feats[split] = extract_features(model, ds, kind="knn", bag_of_channels=bag_of_channels, avgpool=avgpool,
-                                        batch_size=batch_size, num_workers=num_workers, device=device,
-                                        autocast_dtype=autocast_dtype, cache_dir=sub_cache, progress=progress,
-                                        group=group, desc=f"features {split}")
+        feats[split] = extract_features(model, prepared.datasets[split], kind="knn", bag_of_channels=bag_of_channels,
+                                        avgpool=avgpool, batch_size=batch_size, num_workers=num_workers,
+                                        device=device, autocast_dtype=autocast_dtype, cache_dir=sub_cache,
+                                        progress=progress, group=group, desc=f"features {split}")
+    if leave_one_out_dataset:
+        out = _leave_one_out_results(feats, leave_one_out_dataset, prepared.names["val"], nb_knn, temperature,
+                                     voting, device)
+    else:
+        out = _scored_splits(feats, prepared, metric_t, class_names, nb_knn=nb_knn, temperature=temperature,
+                             n_per_class_list=n_per_class_list, n_tries=n_tries, voting=voting, device=device,
+                             group=group)
+    if output_dir and _dist.is_main_process(group):
+        with open(os.path.join(output_dir, "results_eval_knn.json"), "a") as f:
+            for k, v in out["results"].items():
+                f.write(json.dumps({k: v}) + "\n")
+    return out
+
+
+def _leave_one_out_results(feats, groups_csv: str, val_name: str, nb_knn, temperature, voting, device) -> Dict:
+    """evaluate_knn's CHAMMI leave-one-out (HPA task 3 / CP task 4) on the extracted train + val features."""
+    train, val = feats["train"], feats["val"]
+    groups = read_leave_one_out_groups(groups_csv, len(val))
+    scores = knn_leave_one_out(train.features, train.labels, val.features, val.labels, groups, nb_knn, temperature,
+                               score_labels=[4, 5, 6], voting=voting, device=device, normalize=False)
+    return {"metric": LEAVE_ONE_OUT_METRIC, "results": {f"{val_name}_{k} Top 1": 100.0 * v for k, v in scores.items()},
+            "scores": {"val": {str(k): 100.0 * v for k, v in scores.items()}}, "report": {},
+            "n_train": int(len(train.features))}
+
+
+def _scored_splits(feats, prepared, metric, class_names, **knn) -> Dict:
+    """evaluate_knn's standard protocol on the extracted features: every evaluated split (val, test) scored with
+    the train split (or its few-shot subsets) as the neighbours, plus a per-class report of the largest k."""
+    from .inputs import require_several_classes
+    from .metrics import default_metric_and_loss, per_class_report
+
     train_f, train_y = feats["train"].features, labels_to_tensor(feats["train"].labels)
-    require_several_classes(train_y, train_where)
+    require_several_classes(train_y, prepared.train_where)  # objects without get_targets are checked only here
     num_classes = infer_num_classes(train_y)
-    if metric_t.multilabel != (train_y.dim() == 2):
-        raise ValueError(f"metric {metric_t} does not fit {'multi-hot' if train_y.dim() == 2 else 'class-index'} "
+    metric, _ = default_metric_and_loss(train_y, metric)
+    if metric.multilabel != (train_y.dim() == 2):
+        raise ValueError(f"metric {metric} does not fit {'multi-hot' if train_y.dim() == 2 else 'class-index'} "
                          "labels")
+    class_names = prepared.class_names if class_names is None else class_names
     results, scores_out, report = {}, {}, {}
-    rank, world = _dist.rank_world(group)
     for split in [s for s in ("val", "test") if s in feats]:
-        test_f, test_y = feats[split].features, labels_to_tensor(feats[split].labels)
+        test_y = labels_to_tensor(feats[split].labels)
         num_c = max(num_classes, infer_num_classes(test_y))
-        # every rank holds all features after extraction: each searches its share of the queries
-        bounds = _shard_bounds(len(test_f), world)
-        my_queries = test_f[bounds[rank]:bounds[rank + 1]]
-        scores_out[split] = {}
-        for n_per_class in n_per_class_list:
-            subsets = [None] if n_per_class is None or n_per_class <= 0 else few_shot_subsets(train_y, n_per_class,
-                                                                                              n_tries)
-            per_try = {k: [] for k in nb_knn}
-            last_scores = None
-            for subset in subsets:
-                tf, ty = (train_f, train_y) if subset is None else (train_f[subset], train_y[subset])
-                sc = knn_scores(tf, ty, my_queries, nb_knn, temperature, num_c, voting=voting, device=device,
-                                normalize=False, group=group)
-                if world > 1:
-                    sc = {k: torch.cat([torch.as_tensor(x) for x in _dist.all_gather_objects(v, group)])
-                          for k, v in sc.items()}
-                for k in nb_knn:
-                    per_try[k].append(100.0 * compute_metric(metric_t, sc[k], test_y, num_c))
-                last_scores = sc
-            suffix = "" if len(subsets) == 1 and subsets[0] is None else f"_n{n_per_class}"
-            for k in nb_knn:
-                vals = per_try[k]
-                key = f"{names[split]}_{k}{suffix} Top 1"
-                results[key] = float(np.mean(vals))
-                if len(vals) > 1:
-                    results[key + " std"] = float(np.std(vals, ddof=1))
-                scores_out[split][f"{k}{suffix}"] = float(np.mean(vals))
-            report[split] = per_class_report(last_scores[max(nb_knn)], test_y, multilabel=metric_t.multilabel,
-                                             num_classes=num_c, class_names=class_names)
-    return {"metric": str(metric_t), "results": results, "scores": scores_out, "report": report,
+        values, last_scores = _split_values(train_f, train_y, feats[split].features, test_y, num_c, metric, **knn)
+        scores_out[split] = {key: float(np.mean(v)) for key, v in values.items()}
+        for key, v in values.items():
+            name = f"{prepared.names[split]}_{key} Top 1"
+            results[name] = float(np.mean(v))
+            if len(v) > 1:
+                results[name + " std"] = float(np.std(v, ddof=1))
+        report[split] = per_class_report(last_scores, test_y, multilabel=metric.multilabel, num_classes=num_c,
+                                         class_names=class_names)
+    return {"metric": str(metric), "results": results, "scores": scores_out, "report": report,
             "num_classes": num_classes, "n_train": int(len(train_f))}
+
+
+def _split_values(train_f, train_y, test_f, test_y, num_classes, metric, *, nb_knn, temperature, n_per_class_list,
+                  n_tries, voting, device, group):
+    """One evaluated split: {"<k><suffix>": [metric x 100 of each try]} (suffix "_n<n>" for few-shot subsets of n
+    per class, "" for the whole train split), and the vote scores of the largest k in the last try."""
+    rank, world = _dist.rank_world(group)
+    # every rank holds all features after extraction: each searches its share of the queries
+    bounds = _shard_bounds(len(test_f), world)
+    my_queries = test_f[bounds[rank]:bounds[rank + 1]]
+    values, sc = {}, None
+    for n_per_class in n_per_class_list:
+        whole = n_per_class is None or n_per_class <= 0
+        subsets = [None] if whole else few_shot_subsets(train_y, n_per_class, n_tries)
+        per_try = {k: [] for k in nb_knn}
+        for subset in subsets:
+            tf, ty = (train_f, train_y) if subset is None else (train_f[subset], train_y[subset])
+            sc = knn_scores(tf, ty, my_queries, nb_knn, temperature, num_classes, voting=voting, device=device,
+                            normalize=False, group=group)
+            if world > 1:
+                sc = {k: torch.cat([torch.as_tensor(x) for x in _dist.all_gather_objects(v, group)])
+                      for k, v in sc.items()}
+            for k in nb_knn:
+                per_try[k].append(100.0 * compute_metric(metric, sc[k], test_y, num_classes))
+        suffix = "" if whole else f"_n{n_per_class}"
+        values.update({f"{k}{suffix}": per_try[k] for k in nb_knn})
+    return values, sc[max(nb_knn)]

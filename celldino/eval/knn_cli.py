@@ -11,7 +11,6 @@ with the reference's names ("<dataset>_<k> Top 1": score x 100).
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -50,77 +49,40 @@ def main(args) -> int:
     from celldino.data.datasets import DatasetError
 
     from . import _dist
-    from .features import extract_features, patch_size_of
-    from .inputs import dataset_spec, make_eval_dataset, require_several_classes, share_label_space, warn_if_crop_pads
-    from .knn import evaluate_knn, knn_leave_one_out
-    from .linear import read_leave_one_out_groups
-    from .metrics import default_metric_and_loss, format_report, parse_metric_type
+    from .knn import evaluate_knn
 
     is_main = setup(args)
     model = load_model(args)
     if model is None:
         return 1
-    try:
-        if args.metric is not None:
-            parse_metric_type(args.metric)
-        specs = {"train": dataset_spec(args.train_dataset), "val": dataset_spec(args.val_dataset)}
-        if args.test_dataset:
-            specs["test"] = dataset_spec(args.test_dataset)
-        datasets = {k: make_eval_dataset(v, crop_size=args.crop_size, resize_size=args.resize_size)
-                    for k, v in specs.items()}
-        share_label_space(datasets["train"], datasets["val"], datasets.get("test"))
-        require_several_classes(datasets["train"], f"--train-dataset {args.train_dataset}")
-    except (DatasetError, FileNotFoundError, ValueError) as exc:
-        print(f"celldino eval knn: {exc}", file=sys.stderr)
-        return 1
-    if is_main:
-        warn_if_crop_pads(datasets["train"], args.crop_size, args.resize_size,
-                          multiple_of=(patch_size_of(model) or (1,))[0])
     names = {"train": args.train_dataset, "val": args.val_dataset, "test": args.test_dataset}
-    os.makedirs(args.output_dir, exist_ok=True)
-    results_path = os.path.join(args.output_dir, "results_eval_knn.json")
-    common = dict(batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
-                  autocast_dtype=autocast_arg(args), progress=not args.no_progress)
     try:
-        if args.leave_one_out_dataset:
-            feats = {}
-            for split in ("train", "val"):
-                cache = None if args.cache_dir is None else os.path.join(args.cache_dir, split)
-                feats[split] = extract_features(model, datasets[split], kind="knn", avgpool=args.avgpool,
-                                                bag_of_channels=args.bag_of_channels, cache_dir=cache,
-                                                desc=f"features {split}", **common)
-            groups = read_leave_one_out_groups(args.leave_one_out_dataset, len(feats["val"]))
-            scores = knn_leave_one_out(feats["train"].features, feats["train"].labels, feats["val"].features,
-                                       feats["val"].labels, groups, args.nb_knn, args.temperature,
-                                       score_labels=[4, 5, 6], voting=args.voting, device=args.device,
-                                       normalize=False)
-            results = {f"{names['val']}_{k} Top 1": 100.0 * v for k, v in scores.items()}
-            metric, report = "leave-one-out macro F1 over labels 4, 5, 6", None
-        else:
-            train = datasets["train"]
-            targets = train.get_targets() if hasattr(train, "get_targets") else None
-            metric, _ = default_metric_and_loss(targets, args.metric)
-            n_per_class = [int(n) if n >= 1 else n for n in args.n_per_class_list]
-            out = evaluate_knn(model, datasets["train"], datasets["val"], test_dataset=datasets.get("test"),
-                               nb_knn=args.nb_knn, temperature=args.temperature, metric=metric,
-                               bag_of_channels=args.bag_of_channels, avgpool=args.avgpool,
-                               n_per_class_list=n_per_class, n_tries=args.n_tries, voting=args.voting,
-                               dataset_names={k: v for k, v in names.items() if v}, cache_dir=args.cache_dir,
-                               **common)
-            results, metric, report = out["results"], out["metric"], out["report"]
-    except (ValueError, TypeError, DatasetError) as exc:
+        # evaluate_knn reads folders / .csv files / dataset strings itself; the names keep the user's spelling
+        out = evaluate_knn(
+            model, args.train_dataset, args.val_dataset, test_dataset=args.test_dataset, nb_knn=args.nb_knn,
+            temperature=args.temperature, metric=args.metric, batch_size=args.batch_size,
+            num_workers=args.num_workers, device=args.device, autocast_dtype=autocast_arg(args),
+            bag_of_channels=args.bag_of_channels, avgpool=args.avgpool, crop_size=args.crop_size,
+            resize_size=args.resize_size, n_per_class_list=[int(n) if n >= 1 else n for n in args.n_per_class_list],
+            n_tries=args.n_tries, voting=args.voting, dataset_names={k: v for k, v in names.items() if v},
+            cache_dir=args.cache_dir, progress=not args.no_progress,
+            leave_one_out_dataset=args.leave_one_out_dataset, output_dir=args.output_dir)
+    except (DatasetError, FileNotFoundError, ValueError, TypeError) as exc:
         print(f"celldino eval knn: {exc}", file=sys.stderr)
         return 1
     if is_main:
-        with open(results_path, "a") as f:
-            for k, v in results.items():
-                f.write(json.dumps({k: v}) + "\n")
-        print(f"kNN ({metric}, T={args.temperature}, voting {args.voting}):")
-        for k, v in results.items():
-            print(f"  {k}: {v:.2f}")
-        if report:
-            for split, rows in report.items():
-                print(f"per-class report on {split} (k = {max(args.nb_knn)}):\n{format_report(rows)}")
-        print(f"results appended to {results_path}")
+        print(format_results(out, args))
     _dist.barrier()
     return 0
+
+
+def format_results(out: dict, args) -> str:
+    """The console summary: scores, the per-class table of the largest k, where the results went."""
+    from .metrics import format_report
+
+    lines = [f"kNN ({out['metric']}, T={args.temperature}, voting {args.voting}):"]
+    lines += [f"  {k}: {v:.2f}" for k, v in out["results"].items()]
+    for split, rows in out["report"].items():
+        lines.append(f"per-class report on {split} (k = {max(args.nb_knn)}):\n{format_report(rows)}")
+    lines.append(f"results appended to {os.path.join(args.output_dir, 'results_eval_knn.json')}")
+    return "\n".join(lines)

@@ -36,7 +36,8 @@ from torch import nn
 from celldino.files import atomic_torch_save
 
 from . import _dist
-from .knn import _leave_one_out_folds, _leave_one_out_inputs, infer_num_classes, labels_to_tensor
+from .knn import (_leave_one_out_folds, _leave_one_out_inputs, infer_num_classes, labels_to_tensor,
+                  read_leave_one_out_groups)
 from .metrics import compute_metric, default_metric_and_loss, parse_metric_type
 
 logger = logging.getLogger("celldino")
@@ -356,29 +357,6 @@ def _select_and_test(heads, val_features, val_labels, test_sets, metric, num_cla
 
 
 # ---- CHAMMI leave-one-out --------------------------------------------------------------------------------------
-
-def read_leave_one_out_groups(csv_path: str, n_test: Optional[int] = None) -> np.ndarray:
-    """Group id of each test sample from CHAMMI's enriched_meta.csv, as the reference: a path containing "HPA"
-    -> rows with Task_three true, grouped by cell_type; otherwise rows with Task_four true, grouped by Plate. The
-    rows (in file order) must line up with the test dataset."""
-    import pandas as pd
-
-    if not os.path.isfile(csv_path):
-        raise FileNotFoundError(f"leave-one-out metadata {csv_path} does not exist")
-    meta = pd.read_csv(csv_path)
-    task, column = ("Task_three", "cell_type") if "HPA" in os.path.basename(csv_path) or "HPA" in csv_path else \
-        ("Task_four", "Plate")
-    for c in (task, column):
-        if c not in meta.columns:
-            raise ValueError(f"{csv_path}: no {c!r} column (columns are {list(meta.columns)})")
-    flags = meta[task]
-    if flags.dtype != bool:
-        flags = flags.astype(str).str.lower().isin(["true", "1", "yes"])
-    groups = meta.loc[flags.values, column].astype(str).to_numpy()
-    if n_test is not None and len(groups) != n_test:
-        raise ValueError(f"{csv_path}: {len(groups)} {task} rows but the test set has {n_test} samples")
-    return groups
-
 
 def linear_leave_one_out(train_features, train_labels, test_features, test_labels, groups, *,
                          score_labels: Optional[Sequence[int]] = (4, 5, 6), num_classes: Optional[int] = None,

@@ -13,6 +13,7 @@ from sklearn.metrics import f1_score
 from celldino.cli import main as celldino
 from celldino.data import build_dataset
 from celldino.data.transforms import make_classification_eval_cell_transform
+from celldino.eval.knn import knn_leave_one_out
 from celldino.hub import export_backbone
 
 from eval_helpers import tiny_vit
@@ -135,6 +136,28 @@ def test_eval_knn_cli_matches_an_independent_computation(tmp_path, checkpoint, s
         assert got[f"{VAL}_{k} Top 1"] == pytest.approx(expected, abs=1e-6)
 
 
+def test_eval_knn_cli_leave_one_out(tmp_path, checkpoint, subset_csv, capsys):
+    """--leave-one-out-dataset: the CHAMMI protocol on train + val, keys "<val>_<k> Top 1", no per-class table."""
+    ckpt, model = checkpoint
+    _, TRAIN, VAL = subset_csv
+    n_val = len(build_dataset(VAL))
+    meta = tmp_path / "enriched_meta_CP.csv"
+    meta.write_text("Plate,Task_four\n" + "".join(f"{'AB'[i % 2]},True\n" for i in range(n_val)))
+    assert celldino(["eval", "knn", "--checkpoint", ckpt, "--train-dataset", TRAIN, "--val-dataset", VAL,
+                     "--leave-one-out-dataset", str(meta), "--output-dir", str(tmp_path / "out"), "--nb-knn", "5",
+                     "--crop-size", "32", "--num-workers", "0", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    lines = [json.loads(line) for line in (tmp_path / "out" / "results_eval_knn.json").read_text().splitlines()]
+    train_f, train_y = _direct_features(model, TRAIN)
+    val_f, val_y = _direct_features(model, VAL)
+    nf = torch.nn.functional.normalize
+    expected = knn_leave_one_out(nf(train_f, dim=1), train_y, nf(val_f, dim=1), val_y, ["AB"[i % 2] for i in
+                                 range(n_val)], [5], 0.07, score_labels=[4, 5, 6], normalize=False)
+    assert lines == [{f"{VAL}_5 Top 1": pytest.approx(100 * expected[5], abs=1e-6)}]
+    assert "kNN (leave-one-out macro F1 over labels 4, 5, 6, T=0.07, voting per_k):" in out
+    assert "per-class report" not in out
+
+
 @pytest.mark.parametrize("with_test", [False, True])
 def test_eval_linear_cli(tmp_path, checkpoint, subset_csv, with_test):
     ckpt, _ = checkpoint
@@ -230,7 +253,9 @@ def test_eval_refuses_a_train_split_with_one_class(tmp_path, checkpoint, command
     assert celldino(["eval", command, "--checkpoint", ckpt, "--train-dataset", folder, "--val-dataset", folder,
                      "--output-dir", str(tmp_path), "--crop-size", "32", "--num-workers", "0", "--no-progress"]) == 1
     err = capsys.readouterr().err
-    assert f"{folder} has a single class (label 0 for all 100 images)" in err and "class sub-folders" in err
+    # one wording for both commands (eval knn said "--train-dataset <folder>" before they shared the set-up)
+    assert f"celldino eval {command}: the train split {folder} has a single class (label 0 for all 100 images)" \
+        in err and "class sub-folders" in err
     assert not (tmp_path / f"results_eval_{command}.json").exists()
 
 

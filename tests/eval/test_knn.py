@@ -1,5 +1,6 @@
 """kNN against a brute-force float64 reference (reference_spec.md §6.2, §12): ties, k beyond the train set and
 the per-class counts, chunking, multi-label, the reference voting quirk, few-shot subsets, 2-process sharding."""
+import json
 import math
 import os
 import socket
@@ -237,6 +238,47 @@ def test_evaluate_knn_on_an_in_memory_model():
     one_class = TensorItems([torch.randn(2, 32, 32) for _ in range(6)], [0] * 6)  # scored 100 before: refused
     with pytest.raises(ValueError, match="the train split has a single class .label 0 for all 6 images"):
         evaluate_knn(model, one_class, items(12, 2), nb_knn=[1], progress=False)
+
+
+def test_evaluate_knn_leave_one_out_and_the_metric_from_the_labels(tmp_path):
+    """What eval knn's CLI did itself before it became a thin wrapper: the CHAMMI leave-one-out protocol on the
+    train + val features, the metric chosen from the train labels (metric=None), and the JSON lines file."""
+    from eval_helpers import TensorItems, tiny_vit
+    from celldino.eval.features import extract_features
+    from celldino.eval.knn import evaluate_knn
+
+    model = tiny_vit(in_chans=2, seed=0)
+
+    def items(n, seed, multi_hot=False):
+        g = torch.Generator().manual_seed(seed)
+        labels = [i % 7 for i in range(n)]
+        imgs = [torch.randn(2, 32, 32, generator=g) + torch.tensor([lab, 6 - lab])[:, None, None] for lab in labels]
+        if multi_hot:
+            labels = [np.array([lab % 2, lab % 3 == 0, lab >= 4], dtype=np.int64) for lab in labels]
+        return TensorItems(imgs, labels)
+
+    train, val = items(28, 1), items(14, 2)
+    groups = ["AB"[i % 2] for i in range(14)]
+    meta = tmp_path / "enriched_meta_CP.csv"
+    meta.write_text("Plate,Task_four\n" + "".join(f"{g},True\n" for g in groups))
+    out = evaluate_knn(model, train, val, nb_knn=[1, 5], leave_one_out_dataset=str(meta), batch_size=8,
+                       dataset_names={"val": "V"}, output_dir=str(tmp_path / "out"), progress=False)
+    f = {s: extract_features(model, ds, kind="knn", batch_size=8, progress=False) for s, ds in (("train", train),
+                                                                                                 ("val", val))}
+    expected = knn_leave_one_out(f["train"].features, f["train"].labels, f["val"].features, f["val"].labels, groups,
+                                 [1, 5], 0.07, score_labels=[4, 5, 6], normalize=False)
+    assert out["results"] == {f"V_{k} Top 1": 100 * v for k, v in expected.items()} and expected[5] > 0
+    assert out["metric"] == "leave-one-out macro F1 over labels 4, 5, 6" and not out["report"]
+    lines = (tmp_path / "out" / "results_eval_knn.json").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [{k: v} for k, v in out["results"].items()]
+
+    multi = evaluate_knn(model, items(28, 1, True), items(14, 2, True), metric=None, nb_knn=[5], batch_size=8,
+                         progress=False)
+    assert multi["metric"] == "mean_per_class_multilabel_f1"
+    with pytest.raises(ValueError, match="does not fit multi-hot labels"):  # the API default stays multiclass F1
+        evaluate_knn(model, items(28, 1, True), items(14, 2, True), nb_knn=[5], batch_size=8, progress=False)
+    assert evaluate_knn(model, train, val, metric=None, nb_knn=[5], batch_size=8,
+                        progress=False)["metric"] == "mean_per_class_multiclass_f1"
 
 
 def test_splits_built_alone_share_the_train_label_space(tmp_path):
