@@ -206,6 +206,7 @@ class Trainer:
         clean_partial_saves(self.output_dir)  # a barrier: every rank sees the same checkpoints/ after it
         self.start_iter = 0
         self.last_checkpoint = None
+        self._saved_at = None  # iteration of this process's latest save (never saved twice)
         if resume:
             last, path = load_latest(self.output_dir, self.state)
             if last is not None:
@@ -343,7 +344,7 @@ class Trainer:
         meta = {"max_iter": self.max_iter,
                 "teacher_backbone": backbone_metadata(self.model.teacher.backbone, self.cfg)}
         path = save_checkpoint(self.output_dir, iteration, self.state, keep=self.keep, extra_meta=meta)
-        self.last_checkpoint = path
+        self.last_checkpoint, self._saved_at = path, iteration
         return path
 
     # ---- the loop ------------------------------------------------------------------------------------------------
@@ -353,12 +354,7 @@ class Trainer:
         dataset, for tests and benchmarks; dataset: the training dataset already opened (open_train_dataset)."""
         cfg = self.cfg
         if self.is_main:
-            sizes = [f"{k} {cfg.student.get(k)}" for k in ("embed_dim", "depth", "num_heads")
-                     if cfg.student.get(k) is not None]  # overrides of the arch's own sizes
-            arch = f"{cfg.student.arch}/{cfg.student.patch_size}" + (f" with {', '.join(sizes)}" if sizes else "")
-            print(f"celldino train: {arch} ({self.n_params / 1e6:.1f} M backbone parameters), "
-                  f"{self.world_size} x {self.device.type}, {self.plan.student['backbone'].param_dtype}, "
-                  f"iterations {self.start_iter} -> {self.max_iter}; output {self.output_dir}", flush=True)
+            self._print_banner()
         summary = {"output_dir": str(self.output_dir), "start_iteration": self.start_iter,
                    "max_iter": self.max_iter, "teacher_exports": [], "loss_history": [], "stopped": "finished"}
         if self.start_iter >= self.max_iter:
@@ -376,8 +372,7 @@ class Trainer:
         progress = Progress(self.start_iter, self.max_iter, enabled=self.is_main)
         iteration = self.start_iter
         run_count = 0
-        saved_at = None
-        last_record = None
+        summary["last_metrics"] = None
         self._install_signal_handlers()
         data_iter = iter(data)
         try:
@@ -389,17 +384,7 @@ class Trainer:
                     raise RuntimeError(f"data stream out of step: batch of iteration {batch['iteration']} "
                                        f"at iteration {iteration}")
                 terms = self.train_step(batch, iteration)
-                batch_size = batch["collated_global_crops"].shape[0] // 2
-                n_masked = int(batch["mask_indices_list"].shape[0])
-                key = (batch_size, n_masked)
-                if key not in flops_cache:  # walks the modules: once per distinct shape
-                    flops_cache[key] = ssl_step_flops(self.model, cfg, batch_size, n_masked)
-                flops, tokens = flops_cache[key]
-                info = {"lr": self.lr_schedule[iteration], "wd": self.wd_schedule[iteration],
-                        "mom": self.momentum_schedule[iteration],
-                        "last_layer_lr": self.last_layer_lr_schedule[iteration],
-                        "current_batch_size": float(batch_size), "step_flops": float(flops),
-                        "step_tokens": float(tokens)}
+                info = self._step_info(batch, iteration, flops_cache)
                 # the gradient norm rides along with the losses to the finiteness check: an inf gradient under a
                 # finite loss would otherwise put NaN weights into the next checkpoint
                 health = self.grad_norm if self.grad_norm is not None else terms.new_zeros(())
@@ -410,31 +395,10 @@ class Trainer:
                 progress.update(1)
                 run_count += 1
 
-                is_log = iteration % self.log_period == 0 or iteration == self.max_iter - 1
-                is_ckpt = (iteration + 1) % self.checkpoint_period == 0 or iteration == self.max_iter - 1
-                is_export = (self.eval_period > 0 and (iteration + 1) % self.eval_period == 0) \
-                    or iteration == self.max_iter - 1
-                is_stop = self.stop_after is not None and run_count >= self.stop_after
-                if is_log or is_ckpt or is_export or is_stop:
-                    rows, signalled = self._flush(pending, meters)
-                    summary["loss_history"] += rows
-                    if is_log:
-                        last_record = self._log_record(iteration, meters)
-                        progress.update(0, f"loss {last_record['total_loss']:.3f}")
-                    if is_export:
-                        path = export_teacher(self.model, cfg, self.output_dir, f"training_{iteration}")
-                        if path is not None:
-                            summary["teacher_exports"].append(str(path))
-                    if is_ckpt or is_stop or signalled:
-                        if saved_at != iteration:
-                            self.save(iteration)
-                            saved_at = iteration
-                    if (is_stop or signalled) and iteration < self.max_iter - 1:  # (the last one: "finished")
-                        summary["stopped"] = "stop_after_iters" if is_stop else "signal"
-                        if signalled:
-                            summary["signal"] = signalled
-                        iteration += 1
-                        break
+                due = self._due(iteration, run_count)
+                if any(due) and self._at_boundary(iteration, due, pending, meters, progress, summary):
+                    iteration += 1
+                    break
                 iteration += 1
                 tick = time.perf_counter()
         finally:
@@ -444,9 +408,63 @@ class Trainer:
         rows, _ = self._flush(pending, meters)
         summary["loss_history"] += rows
         summary.update(end_iteration=iteration, iterations_run=run_count,
-                       checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None,
-                       last_metrics=last_record,
                        averages={k: m.global_avg for k, m in meters.items()})
+        return self._finish_summary(summary, dataset)
+
+    def _at_boundary(self, iteration, due, pending, meters, progress, summary):
+        """After `iteration`: reduce the pending losses (and any stop signal) over ranks, then log, export and
+        checkpoint as due. Returns True when the run stops here early (stop_after_iters or a signal)."""
+        is_log, is_ckpt, is_export, is_stop = due
+        rows, signalled = self._flush(pending, meters)
+        summary["loss_history"] += rows
+        if is_log:
+            summary["last_metrics"] = self._log_record(iteration, meters)
+            progress.update(0, f"loss {summary['last_metrics']['total_loss']:.3f}")
+        if is_export:
+            path = export_teacher(self.model, self.cfg, self.output_dir, f"training_{iteration}")
+            if path is not None:
+                summary["teacher_exports"].append(str(path))
+        if (is_ckpt or is_stop or signalled) and self._saved_at != iteration:
+            self.save(iteration)
+        if not (is_stop or signalled) or iteration == self.max_iter - 1:  # (stopping after the last one: finished)
+            return False
+        summary["stopped"] = "stop_after_iters" if is_stop else "signal"
+        if signalled:
+            summary["signal"] = signalled
+        return True
+
+    def _print_banner(self):
+        cfg = self.cfg
+        sizes = [f"{k} {cfg.student.get(k)}" for k in ("embed_dim", "depth", "num_heads")
+                 if cfg.student.get(k) is not None]  # overrides of the arch's own sizes
+        arch = f"{cfg.student.arch}/{cfg.student.patch_size}" + (f" with {', '.join(sizes)}" if sizes else "")
+        print(f"celldino train: {arch} ({self.n_params / 1e6:.1f} M backbone parameters), "
+              f"{self.world_size} x {self.device.type}, {self.plan.student['backbone'].param_dtype}, "
+              f"iterations {self.start_iter} -> {self.max_iter}; output {self.output_dir}", flush=True)
+
+    def _step_info(self, batch, iteration, flops_cache):
+        """The schedules' values and the model FLOPs / tokens of one step, for the meters."""
+        batch_size = batch["collated_global_crops"].shape[0] // 2
+        n_masked = int(batch["mask_indices_list"].shape[0])
+        key = (batch_size, n_masked)
+        if key not in flops_cache:  # walks the modules: once per distinct shape
+            flops_cache[key] = ssl_step_flops(self.model, self.cfg, batch_size, n_masked)
+        flops, tokens = flops_cache[key]
+        return {"lr": self.lr_schedule[iteration], "wd": self.wd_schedule[iteration],
+                "mom": self.momentum_schedule[iteration], "last_layer_lr": self.last_layer_lr_schedule[iteration],
+                "current_batch_size": float(batch_size), "step_flops": float(flops), "step_tokens": float(tokens)}
+
+    def _due(self, iteration, run_count):
+        """(log, checkpoint, teacher export, stop_after_iters) due after `iteration`; the last one does all."""
+        last = iteration == self.max_iter - 1
+        is_log = iteration % self.log_period == 0 or last
+        is_ckpt = (iteration + 1) % self.checkpoint_period == 0 or last
+        is_export = (self.eval_period > 0 and (iteration + 1) % self.eval_period == 0) or last
+        is_stop = self.stop_after is not None and run_count >= self.stop_after
+        return is_log, is_ckpt, is_export, is_stop
+
+    def _finish_summary(self, summary, dataset):
+        summary["checkpoint"] = str(self.last_checkpoint) if self.last_checkpoint else None
         if summary["loss_history"]:
             it, row = summary["loss_history"][-1]
             summary["last_losses"] = {"iteration": it, **dict(zip(self.loss_keys, row)), "total_loss": sum(row)}
