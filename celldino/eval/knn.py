@@ -417,9 +417,17 @@ def read_leave_one_out_groups(csv_path: str, n_test: Optional[int] = None) -> np
     if flags.dtype != bool:
         flags = flags.astype(str).str.lower().isin(["true", "1", "yes"])
     groups = meta.loc[flags.values, column].astype(str).to_numpy()
-    if n_test is not None and len(groups) != n_test:
-        raise ValueError(f"{csv_path}: {len(groups)} {task} rows but the test set has {n_test} samples")
+    if n_test is not None:
+        require_group_count(groups, n_test, csv_path)
     return groups
+
+
+def require_group_count(groups, n_test: int, csv_path: str) -> None:
+    """The leave-one-out groups (read before the features, so a bad file fails before hours of extraction) must
+    line up with the test features."""
+    if len(groups) != n_test:
+        raise ValueError(f"{csv_path}: {len(groups)} leave-one-out rows (Task_three / Task_four true) but the test set "
+                         f"has {n_test} samples")
 
 
 def knn_leave_one_out(train_features, train_labels, test_features, test_labels, groups, nb_knn, T=0.07,
@@ -514,7 +522,8 @@ def evaluate_knn(model, train_dataset, val_dataset, *, test_dataset=None, nb_knn
                                      group=group)
     if output_dir:  # before the long part: a path that cannot be created fails early
         os.makedirs(output_dir, exist_ok=True)
-    # the leave-one-out protocol reads train + val only
+    # the leave-one-out protocol reads train + val only, and its metadata before the long part
+    groups = read_leave_one_out_groups(leave_one_out_dataset) if leave_one_out_dataset else None
     splits = ("train", "val") if leave_one_out_dataset else tuple(prepared.datasets)
     feats = {}
     for split in splits:
@@ -524,8 +533,8 @@ def evaluate_knn(model, train_dataset, val_dataset, *, test_dataset=None, nb_knn
                                         device=device, autocast_dtype=autocast_dtype, cache_dir=sub_cache,
                                         progress=progress, group=group, desc=f"features {split}")
     if leave_one_out_dataset:
-        out = _leave_one_out_results(feats, leave_one_out_dataset, prepared.names["val"], nb_knn, temperature,
-                                     voting, device)
+        out = _leave_one_out_results(feats, groups, leave_one_out_dataset, prepared.names["val"], nb_knn,
+                                     temperature, voting, device)
     else:
         out = _scored_splits(feats, prepared, metric_t, class_names, nb_knn=nb_knn, temperature=temperature,
                              n_per_class_list=n_per_class_list, n_tries=n_tries, voting=voting, device=device,
@@ -537,10 +546,11 @@ def evaluate_knn(model, train_dataset, val_dataset, *, test_dataset=None, nb_knn
     return out
 
 
-def _leave_one_out_results(feats, groups_csv: str, val_name: str, nb_knn, temperature, voting, device) -> Dict:
+def _leave_one_out_results(feats, groups, groups_csv: str, val_name: str, nb_knn, temperature, voting,
+                           device) -> Dict:
     """evaluate_knn's CHAMMI leave-one-out (HPA task 3 / CP task 4) on the extracted train + val features."""
     train, val = feats["train"], feats["val"]
-    groups = read_leave_one_out_groups(groups_csv, len(val))
+    require_group_count(groups, len(val), groups_csv)
     scores = knn_leave_one_out(train.features, train.labels, val.features, val.labels, groups, nb_knn, temperature,
                                score_labels=[4, 5, 6], voting=voting, device=device, normalize=False)
     return {"metric": LEAVE_ONE_OUT_METRIC, "results": {f"{val_name}_{k} Top 1": 100.0 * v for k, v in scores.items()},

@@ -37,7 +37,7 @@ from celldino.files import atomic_torch_save
 
 from . import _dist
 from .knn import (_leave_one_out_folds, _leave_one_out_inputs, infer_num_classes, labels_to_tensor,
-                  read_leave_one_out_groups)
+                  read_leave_one_out_groups, require_group_count)
 from .metrics import compute_metric, default_metric_and_loss, parse_metric_type
 
 logger = logging.getLogger("celldino")
@@ -478,12 +478,14 @@ def evaluate_linear(model, train_dataset, val_dataset, *, test_datasets=None, mo
         f = extract_features(model, ds, cache_dir=sub, desc=f"features {key}", **opts)
         return f.features, f.labels
 
+    # the leave-one-out metadata is read before the long part: a bad file fails at once
+    groups = read_leave_one_out_groups(leave_one_out_dataset) if leave_one_out_dataset else None
     val_f, val_y = feats(val_ds, "val")
     test_sets = {names[key]: feats(built[key], key) for key in tests if key in built}
 
     if leave_one_out_dataset:
         train_f, train_y = feats(train_eval, "train")
-        groups = read_leave_one_out_groups(leave_one_out_dataset, len(val_y))
+        require_group_count(groups, len(val_y), leave_one_out_dataset)
         loo = linear_leave_one_out(train_f, train_y, val_f, val_y, groups, learning_rates=learning_rates,
                                    weight_decays=weight_decays, batch_size=batch_size, epochs=epochs,
                                    epoch_length=epoch_length, n_last_blocks=n_last_blocks, avgpool=avgpool,

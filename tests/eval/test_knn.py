@@ -316,3 +316,24 @@ def test_splits_built_alone_share_the_train_label_space(tmp_path):
     test_rows = {r["class"]: r for r in out["report"]["test"]}
     # d's items vote for train classes (one of them for c here): c keeps its recall, d is never predicted
     assert test_rows["c"]["recall"] == 1.0 and test_rows["d"]["support"] == 3 and test_rows["d"]["predicted"] == 0
+
+
+@pytest.mark.parametrize("protocol", ["knn", "linear"])
+def test_a_bad_leave_one_out_file_fails_before_any_feature_is_extracted(tmp_path, monkeypatch, protocol):
+    """The CHAMMI metadata is read first: a missing file or column fails at once, not after the extraction."""
+    from eval_helpers import TensorItems, tiny_vit
+    from celldino.eval import features, knn, linear
+
+    def no_extraction(*args, **kwargs):
+        raise AssertionError("features were extracted before the leave-one-out metadata was read")
+    monkeypatch.setattr(features, "extract_features", no_extraction)
+    model = tiny_vit(in_chans=2, seed=0)
+    data = TensorItems([torch.randn(2, 32, 32) for _ in range(6)], [i % 3 for i in range(6)])
+    evaluate = {"knn": lambda **kw: knn.evaluate_knn(model, data, data, nb_knn=[1], **kw),
+                "linear": lambda **kw: linear.evaluate_linear(model, data, data, mode="features", **kw)}[protocol]
+    with pytest.raises(FileNotFoundError, match="leave-one-out metadata .*missing.csv does not exist"):
+        evaluate(leave_one_out_dataset=str(tmp_path / "missing.csv"), progress=False)
+    meta = tmp_path / "enriched_meta_CP.csv"
+    meta.write_text("Plate,Task\nA,True\n")
+    with pytest.raises(ValueError, match="no 'Task_four' column"):
+        evaluate(leave_one_out_dataset=str(meta), progress=False)
