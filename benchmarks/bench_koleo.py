@@ -30,6 +30,17 @@ def _providers(device):
     return common.with_triton_provider([("reference", ko.koleo_loss_reference)], ko.koleo_loss_triton, device)
 
 
+def _call(fn, x, mode):
+    """One timed call of provider `fn` on x: the loss alone (fwd), or the loss and its gradient (fwd+bwd)."""
+    if mode == "fwd":
+        return lambda: fn(x.detach())
+
+    def fwd_bwd():
+        x.grad = None
+        fn(x).backward()
+    return fwd_bwd
+
+
 def run(args):
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
@@ -40,23 +51,9 @@ def run(args):
         for dtype in dtypes:
             torch.manual_seed(0)
             x = torch.randn(B, D, device=device).to(dtype).requires_grad_(True)
-            flops = 2.0 * B * B * D
             for mode in ("fwd", "fwd+bwd"):
-                baseline_ms = None
-                for name, fn in providers:
-                    if mode == "fwd":
-                        call = lambda fn=fn: fn(x.detach())  # noqa: E731
-                    else:
-                        def call(fn=fn):
-                            x.grad = None
-                            fn(x).backward()
-                    timing = common.bench(call, device=device, **common.reps_for(device))
-                    peak = common.peak_extra_memory_mb(call, device)
-                    if name == "reference":
-                        baseline_ms = timing[0]
-                    rows.append(common.row("koleo", "koleo", name, f"{B}x{D}", dtype, mode, timing, flops=flops,
-                                           peak_mem_mb=peak, baseline="reference", baseline_ms=baseline_ms,
-                                           device=device, note=note))
-                print(f"  koleo {B}x{D} {dtype} {mode}: " + ", ".join(
-                    f"{r['provider']} {r['median_ms']} ms" for r in rows[-len(providers):]), flush=True)
+                rows += common.time_providers(
+                    f"koleo {B}x{D} {dtype} {mode}", providers, lambda fn: _call(fn, x, mode), device,
+                    bench_name="koleo", op="koleo", shape=f"{B}x{D}", dtype=dtype, mode=mode, baseline="reference",
+                    flops=2.0 * B * B * D, note=note)
     return rows

@@ -56,6 +56,11 @@ def _providers(device):
     return common.with_triton_provider(references, sk.sinkhorn_knopp_triton, device)
 
 
+def _call(fn, logits):
+    """One timed call of provider `fn`: the targets of `logits` (the benchmark's temperature and iterations)."""
+    return lambda: fn(logits, TEMP, N_ITER)
+
+
 def run(args):
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
@@ -68,16 +73,8 @@ def run(args):
             # teacher head outputs: cosine-like logits (weight-normalised last layer), scaled to a sharp softmax
             logits = (torch.randn(n_rows, K, device=device) * 0.3).to(dtype)
             traffic = (2 * N_ITER + 1) * logits.numel() * logits.element_size() + logits.numel() * 4
-            baseline_ms = None
-            for name, fn in providers:
-                call = lambda fn=fn: fn(logits, TEMP, N_ITER)  # noqa: E731
-                timing = common.bench(call, device=device, **common.reps_for(device))
-                peak = common.peak_extra_memory_mb(call, device)
-                if name == "dinov2":
-                    baseline_ms = timing[0]
-                rows.append(common.row("sinkhorn", op, name, f"{n_rows}x{K}", dtype, "fwd", timing,
-                                       bytes_moved=traffic, peak_mem_mb=peak, baseline="dinov2",
-                                       baseline_ms=baseline_ms, device=device, note=note))
-            print(f"  sinkhorn {op} {n_rows}x{K} {dtype}: " + ", ".join(
-                f"{r['provider']} {r['median_ms']} ms" for r in rows[-len(providers):]), flush=True)
+            rows += common.time_providers(
+                f"sinkhorn {op} {n_rows}x{K} {dtype}", providers, lambda fn: _call(fn, logits), device,
+                bench_name="sinkhorn", op=op, shape=f"{n_rows}x{K}", dtype=dtype, mode="fwd", baseline="dinov2",
+                bytes_moved=traffic, note=note)
     return rows

@@ -11,6 +11,7 @@ import math
 import statistics
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -142,6 +143,36 @@ def bench(fn, warmup=3, rep=10, device=None):
     return summarize(times)
 
 
+def wall_timing(fn, rep, sync=False, clock=time.perf_counter):
+    """Timing of `rep` wall-clock timed calls of fn() after one warm-up call, CUDA synchronised around each call when
+    `sync`. For calls whose host work is part of the cost (a DALI pipeline, a data loader) or that take seconds
+    (kNN at full size): do_bench's CUDA events, L2 clearing and extra runs do not fit those. `clock` is for tests."""
+    fn()
+    times = []
+    for _ in range(rep):
+        if sync:
+            torch.cuda.synchronize()
+        start = clock()
+        fn()
+        if sync:
+            torch.cuda.synchronize()
+        times.append((clock() - start) * 1e3)
+    return summarize(times)
+
+
+@contextmanager
+def num_threads(n):
+    """torch's intra-op thread count set to `n` inside the block (None: left as it is), the previous count restored
+    after it, even on an error: a 1-thread row (one DataLoader worker's core) must not leave the next on 1 thread."""
+    old = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def peak_extra_memory_mb(fn, device=None):
     """Peak extra CUDA memory of one `fn()` call in MB (None on CPU)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -183,6 +214,42 @@ def row(bench_name, op, provider, shape, dtype, mode, timing, *, flops=None, byt
     }
     ROWS_MADE.append(made)
     return made
+
+
+def printed_row(line, *args, **kwargs):
+    """row(*args, **kwargs), printed at once as `line(row)`: the console shows each row as soon as it is measured,
+    so a long run's log tells how far it got."""
+    made = row(*args, **kwargs)
+    print(line(made), flush=True)
+    return made
+
+
+def rate_line(label, made, note=""):
+    """'  <label>: <images/s or skipped> img/s [x<speed-up>] <note>': the console line of a throughput row
+    (bench_augment, bench_data); `note` is the caller's own part of the row's note."""
+    speedup = f"x{made['speedup_vs_baseline']}" if made["speedup_vs_baseline"] else ""
+    return f"  {label}: {made['items_per_s'] or 'skipped'} img/s {speedup} {note}"
+
+
+def time_providers(label, providers, call_of, device, *, bench_name, op, shape, dtype, mode, baseline, **row_kwargs):
+    """The rows of one shape of a kernel benchmark (bench_koleo, bench_sinkhorn): each (name, fn) of `providers`
+    timed on `call_of(fn)` (bench with reps_for(device)) and its peak extra memory measured, its row made at once
+    (a stop keeps it); speed-ups vs the median of the provider named `baseline`, filled in for rows made before it.
+    `row_kwargs` go to every row (flops, bytes_moved, note). Prints '  <label>: <provider> <median> ms, ...'."""
+    rows, baseline_ms, before_baseline = [], None, []
+    for name, fn in providers:
+        call = call_of(fn)
+        timing = bench(call, device=device, **reps_for(device))
+        peak = peak_extra_memory_mb(call, device)
+        if name == baseline:
+            baseline_ms = timing[0]
+            fill_speedups(before_baseline, baseline_ms)
+        rows.append(row(bench_name, op, name, shape, dtype, mode, timing, peak_mem_mb=peak, baseline=baseline,
+                        baseline_ms=baseline_ms, device=device, **row_kwargs))
+        if baseline_ms is None:
+            before_baseline.append(rows[-1])
+    print(f"  {label}: " + ", ".join(f"{r['provider']} {r['median_ms']} ms" for r in rows), flush=True)
+    return rows
 
 
 def fill_speedups(rows, baseline_ms):

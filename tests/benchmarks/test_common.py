@@ -1,9 +1,11 @@
 """benchmarks.common: medians and percentiles from the data (no extrapolation), slow GPU calls still get several
 timed runs (do_bench replaced by a fake that counts runs the way do_bench does), few runs are said in the note,
-speed-ups filled in once a baseline arrives."""
+speed-ups filled in once a baseline arrives; the shared helpers of the bench_*.py modules (thread count, wall-clock
+timing, printed rows, the provider loop of the kernel benchmarks)."""
 import math
 
 import pytest
+import torch
 import triton.testing
 
 from celldino.benchmarks import common
@@ -83,4 +85,54 @@ def test_fill_speedups_updates_the_recorded_rows():
     assert skipped["speedup_vs_baseline"] == "" and base["speedup_vs_baseline"] == ""
     common.fill_speedups([fast], math.nan)  # a failed baseline changes nothing
     assert fast["speedup_vs_baseline"] == 2.0
+    common.ROWS_MADE.clear()
+
+
+def test_num_threads_sets_and_restores_the_count_even_on_an_error():
+    before = torch.get_num_threads()
+    with common.num_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError), common.num_threads(1):
+        raise RuntimeError("a failing row")
+    assert torch.get_num_threads() == before
+    with common.num_threads(None):  # None: left as it is
+        assert torch.get_num_threads() == before
+
+
+def test_wall_timing_warms_up_once_and_takes_the_true_median():
+    now = [0.0]
+    durations = iter([0.009, 0.004, 0.001, 0.003, 0.002])  # s: one warm-up call, then four timed ones
+
+    def fn():
+        now[0] += next(durations)
+
+    timing = common.wall_timing(fn, 4, clock=lambda: now[0])
+    assert timing[0] == pytest.approx(2.5) and timing.runs == 4  # the warm-up's 9 ms is not counted
+    assert (timing[1], timing[2]) == pytest.approx((1.6, 3.4))
+
+
+def test_printed_row_prints_its_line_and_rate_line_reads_the_row(capsys):
+    common.ROWS_MADE.clear()
+    made = common.printed_row(lambda r: common.rate_line("t s p", r, "1 thread"), "t", "op", "p", "s", "uint16", "m",
+                              (250.0, 250.0, 250.0), items=2, baseline="p", baseline_ms=500.0)
+    assert common.ROWS_MADE == [made]
+    assert capsys.readouterr().out == "  t s p: 8.0 img/s x2.0 1 thread\n"
+    skipped = common.row("t", "op", "p", "s", "uint16", "m", (math.nan,) * 3, note="skipped: no GPU")
+    assert common.rate_line("t s p", skipped, "skipped: no GPU") == "  t s p: skipped img/s  skipped: no GPU"
+    common.ROWS_MADE.clear()
+
+
+def test_time_providers_speedups_vs_the_named_baseline_wherever_it_runs(monkeypatch, capsys):
+    medians = {"fast": 1.0, "base": 4.0, "slow": 8.0}
+    monkeypatch.setattr(common, "bench", lambda call, device=None, **reps: common.Timing(*[call()] * 3, runs=10))
+    monkeypatch.setattr(common, "peak_extra_memory_mb", lambda call, device=None: 3.0)
+    providers = [(name, lambda name=name: medians[name]) for name in ("fast", "base", "slow")]
+    rows = common.time_providers("t 4x4 float32", providers, lambda fn: fn, "cpu", bench_name="t", op="op",
+                                 shape="4x4", dtype=torch.float32, mode="fwd", baseline="base", flops=8e9, note="n")
+    assert [r["provider"] for r in rows] == ["fast", "base", "slow"]
+    assert [r["speedup_vs_baseline"] for r in rows] == [4.0, 1.0, 0.5]  # "fast" ran before its baseline
+    assert all(r["baseline"] == "base" and r["peak_mem_mb"] == 3.0 and r["note"] == "n" for r in rows)
+    assert [r["tflops"] for r in rows] == [8.0, 2.0, 1.0] and rows[0]["dtype"] == "float32"
+    assert capsys.readouterr().out == "  t 4x4 float32: fast 1.0 ms, base 4.0 ms, slow 8.0 ms\n"
     common.ROWS_MADE.clear()
