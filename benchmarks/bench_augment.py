@@ -21,10 +21,9 @@ import numpy as np
 import torch
 
 from . import common
+from .bench_data import (GLOBAL_SCALE, GLOBAL_SIZE, LOCAL_SCALE, LOCAL_SIZE, N_LOCAL, ReferenceStyleCellAugmentation,
+                         multicrop_torch_batched, sample_multicrop_params, synthetic_field)
 
-N_LOCAL = 8
-GLOBAL_SIZE, LOCAL_SIZE = 224, 96
-GLOBAL_SCALE, LOCAL_SCALE = (0.4, 1.0), (0.005, 0.4)
 NAN = (math.nan, math.nan, math.nan)
 
 
@@ -37,34 +36,20 @@ def add_arguments(parser):
 
 
 def _fields(channels, size, n, seed=0):
-    from .bench_data import synthetic_field
-
     return [torch.from_numpy(synthetic_field(np.random.default_rng([seed, channels, i]), channels, size))
             for i in range(n)]
 
 
-def _params(shapes, seed):
-    from celldino.data.crop_params import sample_crop_params
-
-    return sample_crop_params(shapes, n_global=2, n_local=N_LOCAL, global_size=GLOBAL_SIZE, local_size=LOCAL_SIZE,
-                              global_scale=GLOBAL_SCALE, local_scale=LOCAL_SCALE, seed_or_generator=seed)
-
-
 def _timed(fn, rep, threads=None, sync=False):
-    old = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
+    """common.bench of fn() (1 warm-up call, `rep` timed; do_bench on the GPU when `sync`) on `threads` torch
+    threads (None: as they are)."""
+    with common.num_threads(threads):
         return common.bench(fn, warmup=1, rep=rep, device="cuda" if sync else "cpu")
-    finally:
-        torch.set_num_threads(old)
 
 
 def run(args):
     from celldino.data import fused_augment as fa
     from celldino.data.augment import CellAugmentationDINO
-
-    from .bench_data import ReferenceStyleCellAugmentation, multicrop_torch_batched
 
     on_gpu = torch.cuda.is_available()
     quick = getattr(args, "quick", False) or not on_gpu
@@ -80,15 +65,13 @@ def run(args):
     for channels in channel_list:
         images = _fields(channels, size, n_images)
         shape = f"{channels}x{size}x{size}"
-        params = _params([tuple(im.shape) for im in images], 1)
+        params = sample_multicrop_params([tuple(im.shape) for im in images], 1)
 
         def add(provider, timing, n, baseline_ms, note="", dtype="uint16", device=None):
-            rows.append(common.row("augment", "augment", provider, shape, dtype, "2x224+8x96", timing, items=n or None,
-                                   baseline="reference", baseline_ms=baseline_ms, device=device or "cpu",
-                                   note=note))
-            r = rows[-1]
-            print(f"  augment {shape} {provider}: {r['items_per_s'] or 'skipped'} img/s "
-                  f"{('x' + str(r['speedup_vs_baseline'])) if r['speedup_vs_baseline'] else ''} {note}", flush=True)
+            rows.append(common.printed_row(
+                lambda r: common.rate_line(f"augment {shape} {provider}", r, note),
+                "augment", "augment", provider, shape, dtype, "2x224+8x96", timing, items=n or None,
+                baseline="reference", baseline_ms=baseline_ms, device=device or "cpu", note=note))
 
         reference = ReferenceStyleCellAugmentation()
         sub = images[:n_ref]

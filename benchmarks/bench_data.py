@@ -26,9 +26,7 @@ dependency), else Python's zlib, about half as fast.
 import math
 import os
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -36,6 +34,7 @@ import torch
 from . import common
 from .train_e2e import default_workers, time_stream
 
+# the benchmarked multi-crop (Cell-DINO's 2 x 224 + 8 x 96), also bench_augment's
 N_LOCAL = 8
 GLOBAL_SIZE, LOCAL_SIZE = 224, 96
 GLOBAL_SCALE, LOCAL_SCALE = (0.4, 1.0), (0.005, 0.4)
@@ -152,11 +151,16 @@ class ReferenceStyleCellAugmentation:
 # ------------------------------------------------------------------------------------------------ GPU stand-in
 
 
-def _sample_params(shapes, seed):
+def sample_multicrop_params(shapes, seed):
+    """Crop parameters of the benchmarked multi-crop (2 x GLOBAL_SIZE + N_LOCAL x LOCAL_SIZE, the Cell-DINO scales)
+    for images of `shapes`; bench_augment times its providers on the same crops."""
     from celldino.data.crop_params import sample_crop_params
 
     return sample_crop_params(shapes, n_global=2, n_local=N_LOCAL, global_size=GLOBAL_SIZE, local_size=LOCAL_SIZE,
                               global_scale=GLOBAL_SCALE, local_scale=LOCAL_SCALE, seed_or_generator=seed)
+
+
+_sample_params = sample_multicrop_params  # its former name, still used by tests/data/test_dali_bench.py
 
 
 def multicrop_torch_batched(images, params, divisor=65535.0, eps=1e-7):
@@ -280,29 +284,8 @@ def _cuda_built():
 # ------------------------------------------------------------------------------------------------ timing
 
 
-@contextmanager
-def _threads(n):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-def _time(fn, rep, sync=False, clock=time.perf_counter):
-    """Timing (true median, p20, p80 ms; common.summarize) of `rep` calls of fn() after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(rep):
-        if sync:
-            torch.cuda.synchronize()
-        start = clock()
-        fn()
-        if sync:
-            torch.cuda.synchronize()
-        times.append((clock() - start) * 1e3)
-    return common.summarize(times)
+# every row's timing (one name, so tests can replace them all): wall clock, as DALI's host pipeline is part of the cost
+_time = common.wall_timing
 
 
 NAN = (math.nan, math.nan, math.nan)
@@ -337,16 +320,13 @@ def run(args):
             note_file = f"{comp} TIFF {mb:.2f} MB/field" + (f" ({deflate_codec()})" if comp == "deflate" else "")
 
             def add(op, provider, timing, n, baseline, baseline_ms, note="", device=cpu_dev):
-                rows.append(common.row("data", op, provider, shape, "uint16", comp, timing, items=n if n else None,
-                                       baseline=baseline, baseline_ms=baseline_ms, device=device,
-                                       note="; ".join(x for x in (note_file, note) if x)))
-                r = rows[-1]
-                print(f"  data {op} {shape} {comp} {provider}: {r['items_per_s'] or 'skipped'} img/s "
-                      f"{('x' + str(r['speedup_vs_baseline'])) if r['speedup_vs_baseline'] else ''} {note}",
-                      flush=True)
+                rows.append(common.printed_row(
+                    lambda r: common.rate_line(f"data {op} {shape} {comp} {provider}", r, note),
+                    "data", op, provider, shape, "uint16", comp, timing, items=n if n else None, baseline=baseline,
+                    baseline_ms=baseline_ms, device=device, note="; ".join(x for x in (note_file, note) if x)))
 
             # ---- decode only
-            with _threads(1):
+            with common.num_threads(1):
                 t_tiff = _time(lambda: [tifffile_decode(p) for p in paths], rep)
             add("decode", "tifffile", t_tiff, n_images, "tifffile", t_tiff[0], "1 thread")
             if has_dali:
@@ -358,7 +338,7 @@ def run(args):
 
             # ---- decode + augment, per core
             sub = paths[:n_ref]
-            with _threads(1):
+            with common.num_threads(1):
                 t_ref = _time(lambda: [reference(tifffile_decode(p)) for p in sub], rep)
                 add("decode+augment", "reference", t_ref, len(sub), "reference", t_ref[0], "1 thread")
                 t = _time(lambda: [ours(tifffile_decode(p)) for p in sub], rep)
@@ -367,7 +347,7 @@ def run(args):
                     def cpp_step():
                         for p in sub:
                             img = tifffile_decode(p)
-                            fused(img[None], _sample_params([tuple(img.shape)], 0))
+                            fused(img[None], sample_multicrop_params([tuple(img.shape)], 0))
                     t = _time(cpp_step, rep)
                     add("decode+augment", "cpp", t, len(sub), "reference", t_ref[0], "celldino._C, 1 thread")
                 else:
@@ -415,7 +395,7 @@ def run(args):
             def gpu_epoch():
                 for b in loader:
                     imgs = b.images
-                    params = _sample_params([tuple(imgs.shape[1:])] * imgs.shape[0], next(seeds))
+                    params = sample_multicrop_params([tuple(imgs.shape[1:])] * imgs.shape[0], next(seeds))
                     gpu_aug(imgs, params)
 
             t = _time(gpu_epoch, rep, sync=True)
