@@ -14,8 +14,6 @@ CPU (--quick) 20k x 1k x 256. Timing rows: median / p20 / p80 ms, TFLOP/s of the
 
     python -m benchmarks.run_all knn              # CSV -> benchmarks/results/knn.csv
 """
-import time
-
 import torch
 import torch.nn.functional as F
 
@@ -39,24 +37,6 @@ def _shapes(args, on_gpu):
     if not on_gpu or getattr(args, "quick", False):
         return [(20_000, 1_000, 256, 20)]
     return [(1_000_000, 8_192, 1024, 20), (1_000_000, 100_000, 1024, 20)]
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time(fn, device, reps):
-    """common.Timing of `reps` calls after one warm-up (long-running calls: no do_bench re-runs)."""
-    fn()
-    _sync(device)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return common.summarize(times)
 
 
 def _reference_loop(train, queries, k, batch=256):
@@ -143,7 +123,8 @@ def run(args):
         for name, dtype, fn in providers:
             try:
                 _, idx = fn()
-                timing = _time(fn, device, reps)
+                # wall clock: each GPU call of the target shape takes seconds (no do_bench re-runs)
+                timing = common.wall_timing(fn, reps, sync=device.type == "cuda")
                 peak = common.peak_extra_memory_mb(fn, device)
             except torch.cuda.OutOfMemoryError as exc:  # report, keep going
                 print(f"  knn {shape} {name}: out of memory ({exc})", flush=True)

@@ -329,12 +329,12 @@ def run(args):
             tflops = flops / timing[0] / 1e9
             mfu = f"MFU {tflops / peak:.1%}" if peak else "MFU n/a (no bf16 peak for this device)"
             is_base = provider == "reference-style"
-            made[provider] = common.row(
+            made[provider] = common.printed_row(
+                lambda r: f"  train {shape} {provider}: {timing[0]:.1f} ms/step, {mfu}",
                 "train", "ssl_step", provider, shape, dtype, f"{mode} fwd+bwd+step", timing, flops=flops,
                 items=batch_size, peak_mem_mb=mem, baseline="" if is_base else "reference-style", device=device,
                 note=f"{1e3 / timing[0]:.2f} steps/s; {mfu}; model FLOPs {flops / 1e12:.3f} T/step"
                      + extra_note + run_note + ("" if on_gpu else "; CPU smoke size"))
-            print(f"  train {shape} {provider}: {timing[0]:.1f} ms/step, {mfu}", flush=True)
 
         # celldino first, then its variants (each its own Trainer, closed before the next), then the baseline
         _, flops = _time_trainer(args, cfg, "celldino", device, batch_size, warmup, steps,
