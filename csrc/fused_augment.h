@@ -4,7 +4,9 @@
 
 #include <ATen/ATen.h>
 
+#include <cstdint>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace celldino {
@@ -41,6 +43,37 @@ Batch validate_batch(const std::vector<at::Tensor>& images, const at::Tensor& cr
 // The two outputs: global [n_global_rows, C, G, G] and local [N - n_global_rows, C, L, L].
 std::tuple<at::Tensor, at::Tensor> allocate_outputs(const Batch& batch, const at::TensorOptions& options);
 
+// The supported dtypes mapped to their C++ types in one place, for every entry point (CPU op, emulated kernel,
+// CUDA launch). `f` receives a typed null pointer because a generic lambda cannot take an explicit template
+// argument; it recovers the type with `std::remove_pointer_t<decltype(tag)>`. validate_batch rejects every other
+// dtype with a message listing the supported ones, so the checks below only guard callers that skipped it.
+template <class F>
+decltype(auto) dispatch_in_dtype(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kByte:
+      return f(static_cast<uint8_t*>(nullptr));
+    case at::kUInt16:
+      return f(static_cast<uint16_t*>(nullptr));
+    case at::kFloat:
+      return f(static_cast<float*>(nullptr));
+    default:
+      TORCH_CHECK(false, "fused_multicrop: unsupported input dtype");
+  }
+}
+
+template <class F>
+decltype(auto) dispatch_out_dtype(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kFloat:
+      return f(static_cast<float*>(nullptr));
+    case at::kBFloat16:
+      return f(static_cast<at::BFloat16*>(nullptr));
+    case at::kHalf:
+      return f(static_cast<at::Half*>(nullptr));
+    default:
+      TORCH_CHECK(false, "fused_multicrop: unsupported out_dtype");
+  }
+}
 
 }  // namespace aug
 }  // namespace celldino

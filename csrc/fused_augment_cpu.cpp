@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <sstream>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -324,27 +325,6 @@ void multicrop_cpu(const Batch& b, const std::vector<const In*>& src, const floa
 }
 
 template <typename In>
-void dispatch_out(const Batch& b, const std::vector<const In*>& src, const float* raw_max, const at::Tensor& crop_int,
-                  const at::Tensor& crop_float, at::Tensor& g, at::Tensor& l) {
-  const int32_t* ci = crop_int.data_ptr<int32_t>();
-  const float* cf = crop_float.data_ptr<float>();
-  switch (b.out_dtype) {
-    case at::kFloat:
-      multicrop_cpu<In, float>(b, src, raw_max, ci, cf, g.data_ptr<float>(), l.data_ptr<float>());
-      break;
-    case at::kBFloat16:
-      multicrop_cpu<In, at::BFloat16>(b, src, raw_max, ci, cf, g.data_ptr<at::BFloat16>(),
-                                      l.data_ptr<at::BFloat16>());
-      break;
-    case at::kHalf:
-      multicrop_cpu<In, at::Half>(b, src, raw_max, ci, cf, g.data_ptr<at::Half>(), l.data_ptr<at::Half>());
-      break;
-    default:
-      TORCH_CHECK(false, "fused_multicrop: unsupported out_dtype");
-  }
-}
-
-template <typename In>
 std::tuple<at::Tensor, at::Tensor> run_cpu(const Batch& b, const std::vector<at::Tensor>& images,
                                            const at::Tensor& crop_int, const at::Tensor& crop_float,
                                            const c10::optional<at::Tensor>& channel_max) {
@@ -362,7 +342,14 @@ std::tuple<at::Tensor, at::Tensor> run_cpu(const Batch& b, const std::vector<at:
     }
   }
   auto outs = allocate_outputs(b, images[0].options());
-  dispatch_out<In>(b, src, raw_max, crop_int, crop_float, std::get<0>(outs), std::get<1>(outs));
+  at::Tensor& g = std::get<0>(outs);
+  at::Tensor& l = std::get<1>(outs);
+  const int32_t* ci = crop_int.data_ptr<int32_t>();
+  const float* cf = crop_float.data_ptr<float>();
+  dispatch_out_dtype(b.out_dtype, [&](auto* tag) {
+    using Out = std::remove_pointer_t<decltype(tag)>;
+    multicrop_cpu<In, Out>(b, src, raw_max, ci, cf, g.data_ptr<Out>(), l.data_ptr<Out>());
+  });
   return outs;
 }
 
@@ -376,16 +363,9 @@ std::tuple<at::Tensor, at::Tensor> fused_multicrop_cpu(at::TensorList images_lis
   const Batch b = validate_batch(images, crop_int, crop_float, channel_max, n_global_rows, global_size, local_size,
                                  protein_channel, divisor, out_dtype);
   TORCH_CHECK(images[0].device().is_cpu(), "fused_multicrop (CPU): images are on ", images[0].device());
-  switch (b.in_dtype) {
-    case at::kByte:
-      return run_cpu<uint8_t>(b, images, crop_int, crop_float, channel_max);
-    case at::kUInt16:
-      return run_cpu<uint16_t>(b, images, crop_int, crop_float, channel_max);
-    case at::kFloat:
-      return run_cpu<float>(b, images, crop_int, crop_float, channel_max);
-    default:
-      TORCH_CHECK(false, "fused_multicrop: unsupported input dtype");
-  }
+  return dispatch_in_dtype(b.in_dtype, [&](auto* tag) {
+    return run_cpu<std::remove_pointer_t<decltype(tag)>>(b, images, crop_int, crop_float, channel_max);
+  });
 }
 
 
@@ -465,21 +445,10 @@ std::tuple<at::Tensor, at::Tensor> run_emulated(const Batch& b, const std::vecto
   const float* given = channel_max.has_value() && channel_max->defined() ? channel_max->data_ptr<float>() : nullptr;
   const int32_t* ci = crop_int.data_ptr<int32_t>();
   const float* cf = crop_float.data_ptr<float>();
-  switch (b.out_dtype) {
-    case at::kFloat:
-      emulate_kernel<In, float>(b, images, ci, cf, given, g.data_ptr<float>(), l.data_ptr<float>(), nthreads);
-      break;
-    case at::kBFloat16:
-      emulate_kernel<In, at::BFloat16>(b, images, ci, cf, given, g.data_ptr<at::BFloat16>(),
-                                       l.data_ptr<at::BFloat16>(), nthreads);
-      break;
-    case at::kHalf:
-      emulate_kernel<In, at::Half>(b, images, ci, cf, given, g.data_ptr<at::Half>(), l.data_ptr<at::Half>(),
-                                   nthreads);
-      break;
-    default:
-      TORCH_CHECK(false, "fused_multicrop: unsupported out_dtype");
-  }
+  dispatch_out_dtype(b.out_dtype, [&](auto* tag) {
+    using Out = std::remove_pointer_t<decltype(tag)>;
+    emulate_kernel<In, Out>(b, images, ci, cf, given, g.data_ptr<Out>(), l.data_ptr<Out>(), nthreads);
+  });
   return outs;
 }
 
@@ -496,16 +465,9 @@ std::tuple<at::Tensor, at::Tensor> fused_multicrop_emulated(at::TensorList image
   TORCH_CHECK(images[0].device().is_cpu(), "_fused_multicrop_emulated runs on CPU tensors");
   TORCH_CHECK(threads_per_block >= 1 && threads_per_block <= 1024, "threads_per_block must lie in [1, 1024]");
   const int nt = static_cast<int>(threads_per_block);
-  switch (b.in_dtype) {
-    case at::kByte:
-      return run_emulated<uint8_t>(b, images, crop_int, crop_float, channel_max, nt);
-    case at::kUInt16:
-      return run_emulated<uint16_t>(b, images, crop_int, crop_float, channel_max, nt);
-    case at::kFloat:
-      return run_emulated<float>(b, images, crop_int, crop_float, channel_max, nt);
-    default:
-      TORCH_CHECK(false, "fused_multicrop: unsupported input dtype");
-  }
+  return dispatch_in_dtype(b.in_dtype, [&](auto* tag) {
+    return run_emulated<std::remove_pointer_t<decltype(tag)>>(b, images, crop_int, crop_float, channel_max, nt);
+  });
 }
 
 }  // namespace
