@@ -204,19 +204,7 @@ std::tuple<at::Tensor, at::Tensor> run_cuda(const Batch& b, const std::vector<at
     a.local_out = reinterpret_cast<Out*>(l.data_ptr());
     launch<In, Out>(b, a, max_side, stream);
   };
-  switch (b.out_dtype) {
-    case at::kFloat:
-      fill(static_cast<float*>(nullptr));
-      break;
-    case at::kBFloat16:
-      fill(static_cast<c10::BFloat16*>(nullptr));
-      break;
-    case at::kHalf:
-      fill(static_cast<c10::Half*>(nullptr));
-      break;
-    default:
-      TORCH_CHECK(false, "fused_multicrop: unsupported out_dtype");
-  }
+  dispatch_out_dtype(b.out_dtype, fill);
   return outs;
 }
 
@@ -234,16 +222,9 @@ std::tuple<at::Tensor, at::Tensor> fused_multicrop_cuda(at::TensorList images_li
   TORCH_CHECK(b.n_rows < (int64_t{1} << 31) / std::max<int64_t>(b.channels, 1),
               "fused_multicrop (CUDA): too many crops");
   const c10::cuda::CUDAGuard guard(images[0].device());
-  switch (b.in_dtype) {
-    case at::kByte:
-      return run_cuda<uint8_t>(b, images, crop_int, crop_float, channel_max);
-    case at::kUInt16:
-      return run_cuda<uint16_t>(b, images, crop_int, crop_float, channel_max);
-    case at::kFloat:
-      return run_cuda<float>(b, images, crop_int, crop_float, channel_max);
-    default:
-      TORCH_CHECK(false, "fused_multicrop: unsupported input dtype");
-  }
+  return dispatch_in_dtype(b.in_dtype, [&](auto* tag) {
+    return run_cuda<std::remove_pointer_t<decltype(tag)>>(b, images, crop_int, crop_float, channel_max);
+  });
 }
 
 }  // namespace
