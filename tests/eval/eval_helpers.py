@@ -1,9 +1,9 @@
 """Helpers for the evaluation tests: tiny real ViTs and in-memory datasets."""
 import os
-import socket
 
 import torch
 
+import local_ports
 from celldino.models import vit_small
 
 
@@ -28,10 +28,7 @@ class TensorItems(torch.utils.data.Dataset):
         return self.images[i], self.targets[i]
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+free_port = local_ports.free_port  # the tests of this folder import it from here
 
 
 def init_gloo(rank, world, port):

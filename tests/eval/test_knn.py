@@ -3,7 +3,6 @@ the per-class counts, chunking, multi-label, the reference voting quirk, few-sho
 import json
 import math
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ import torch.multiprocessing as mp
 
 from celldino.eval.knn import (class_indices_mapping, few_shot_subsets, knn_leave_one_out, knn_scores, knn_search,
                                topk_merge)
+from local_ports import free_port
 
 
 def brute_force(train, labels, test, nb_knn, T, num_classes, normalize=True, voting="per_k"):
@@ -162,12 +162,6 @@ def test_leave_one_out_equals_manual_loop():
 
 # ---- 2 gloo processes: sharded search == one process ----------------------------------------------------------
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, world, port, train, labels, test, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -196,7 +190,7 @@ def test_two_rank_sharded_knn_equals_single_process():
     test[3] = train[2]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, 2, port, train, labels, test, queue)) for r in range(2)]
     for p in procs:
         p.start()

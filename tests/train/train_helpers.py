@@ -2,7 +2,6 @@
 
 Tiny configs: a 2-block ViT on 32 px global / 16 px local crops of the bundled
 real 16-bit sample cells, small heads: a training step takes well under a second on one CPU core."""
-import socket
 from pathlib import Path
 
 
@@ -29,7 +28,7 @@ def tiny_cfg(*overrides):
 
 
 def free_port():
-    """A TCP port free on localhost now (for a rendezvous)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """tests/local_ports.free_port, imported when called: worker processes (_dist_worker.py, test_trainer's scripts)
+    import this module with only tests/train on sys.path."""
+    from local_ports import free_port as pick
+    return pick()
