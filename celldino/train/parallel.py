@@ -70,7 +70,9 @@ def _dtype(name):
         raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}") from None
 
 
-def _truthy(value, auto):
+def _truthy(cfg, key, auto):
+    """train.<key> as True / False, or `auto` for auto (or unset); anything else is an error naming the key."""
+    value = cfg.train.get(key, "auto")
     if value is None or str(value).lower() == "auto":
         return auto
     if isinstance(value, bool):
@@ -80,14 +82,14 @@ def _truthy(value, auto):
         return True
     if text in ("false", "0", "no", "off"):
         return False
-    raise ValueError(f"expected true, false or auto, got {value!r}")
+    raise ValueError(f"train.{key}: expected true, false or auto, got {value!r}")
 
 
 def fsdp_setting(cfg):
     """train.fsdp: True (FSDP2 even for one process, on a 1-rank group) / False (one process only, unsharded), or
     None for auto: FSDP2 when there are several processes, a lone process unsharded (on one H200 the 1-rank FSDP2
     step was 1.2x slower: its hooks and copies, docs/benchmarks.md)."""
-    return _truthy(cfg.train.get("fsdp", "auto"), auto=None)
+    return _truthy(cfg, "fsdp", auto=None)
 
 
 def _world_sizes():
@@ -144,7 +146,7 @@ def make_plan(cfg, device, distributed):
     sharding = str(cp.get("sharding", "auto"))
     fsdp = distributed
     plan = ParallelPlan(fsdp=fsdp, grad_scaler=policy == "reference" and bool(cp.grad_scaler))
-    plan.compile = _truthy(cfg.train.get("compile", "auto"), auto=device.type == "cuda")
+    plan.compile = _truthy(cfg, "compile", auto=device.type == "cuda")
     plan.compile_mode = str(cfg.train.get("compile_mode", "default"))
     if plan.compile_mode not in COMPILE_MODES:
         raise ValueError(f"train.compile_mode: expected one of {', '.join(COMPILE_MODES)}, got {plan.compile_mode!r}")

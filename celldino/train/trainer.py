@@ -164,6 +164,11 @@ class Trainer:
 
     def _build(self, cfg, resume):
         self.cfg = cfg = prepare_config(cfg, self.output_dir, self.world_size)
+        # bad settings fail here, before config.yaml is written (a corrected rerun would otherwise be told that
+        # the settings of a run that never trained had changed) and before the model is built
+        augmentation_mode(cfg, self.device)
+        self.plan = make_plan(cfg, self.device,
+                              distributed=distributed.is_initialized() and fsdp_setting(cfg) is not False)
         if self.is_main:
             if resume:
                 _report_config_changes(self.output_dir / "config.yaml", cfg)
@@ -172,9 +177,6 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True  # as the reference
             torch.backends.cudnn.allow_tf32 = True
 
-        augmentation_mode(cfg, self.device)  # a bad train.augmentation fails here, before the model is built
-        self.plan = make_plan(cfg, self.device,
-                              distributed=distributed.is_initialized() and fsdp_setting(cfg) is not False)
         torch.manual_seed(int(cfg.train.seed))  # identical initial weights on every rank
         model = SSLMetaArch(cfg)
         self.n_params = sum(p.numel() for p in model.student.backbone.parameters())

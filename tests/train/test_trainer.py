@@ -199,6 +199,16 @@ def test_cli_errors_name_the_bad_key(tmp_path, capsys):
     assert _launch("--config-file", "demo", "--output-dir", str(tmp_path / "c"), "train.batch_size_per_gpu=1",
                    "train.device=cpu") == 2
     assert "KoLeo needs at least 2 images per rank" in capsys.readouterr().err
+    # settings checked while the trainer is built fail before config.yaml is written (a corrected rerun there would
+    # otherwise report the settings of a run that never trained as changed)
+    for setting, message in (("train.compile=maybe", "train.compile: expected true, false or auto, got 'maybe'"),
+                             ("train.augmentation=foo", "train.augmentation"),
+                             ("train.fsdp_shard_size=two", "train.fsdp_shard_size")):
+        out = tmp_path / setting.split("=")[0]
+        assert _launch("--config-file", "demo", "--output-dir", str(out), setting, "train.device=cpu",
+                       *(["train.fsdp=true"] if "fsdp" in setting else [])) == 2
+        assert message in capsys.readouterr().err
+        assert not (out / "config.yaml").exists()
 
 
 def test_sigterm_to_the_whole_process_group_with_workers_still_checkpoints(tmp_path):
