@@ -31,54 +31,50 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kMaxThreads = 256;
 constexpr int kMaxChunkBlocks = 256;  // grid-stride blocks per (image, channel) plane in the max kernel
 
-__device__ __forceinline__ double warp_sum(double v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+// One warp shuffle of each type the block reductions carry (Moments moves field by field).
+__device__ __forceinline__ double shfl_down(double v, int offset) { return __shfl_down_sync(0xffffffffu, v, offset); }
+
+__device__ __forceinline__ Moments shfl_down(const Moments& m, int offset) {
+  Moments other;
+  other.s1 = __shfl_down_sync(0xffffffffu, m.s1, offset);
+  other.s2 = __shfl_down_sync(0xffffffffu, m.s2, offset);
+  other.lo = __shfl_down_sync(0xffffffffu, m.lo, offset);
+  other.hi = __shfl_down_sync(0xffffffffu, m.hi, offset);
+  return other;
+}
+
+template <class T, class Merge>
+__device__ __forceinline__ T warp_reduce(T v, Merge merge) {
+  for (int o = 16; o > 0; o >>= 1) v = merge(v, shfl_down(v, o));
   return v;
 }
 
-__device__ __forceinline__ Moments warp_moments(Moments m) {
-  for (int o = 16; o > 0; o >>= 1) {
-    Moments other;
-    other.s1 = __shfl_down_sync(0xffffffffu, m.s1, o);
-    other.s2 = __shfl_down_sync(0xffffffffu, m.s2, o);
-    other.lo = __shfl_down_sync(0xffffffffu, m.lo, o);
-    other.hi = __shfl_down_sync(0xffffffffu, m.hi, o);
-    m = merge_moments(m, other);
-  }
-  return m;
-}
-
-// Block-wide sum, result returned to every thread.
-__device__ double block_sum(double v) {
-  __shared__ double partial[kWarps];
-  __shared__ double result;
+// Block-wide reduction, result returned to every thread: each warp reduces by shuffles, then warp 0 merges the
+// per-warp partials (its lanes past the last warp hold `identity`). One template, so the contrast sum and the
+// self-normalisation moments share the merge order and the barriers.
+template <class T, class Merge>
+__device__ T block_reduce(T v, T identity, Merge merge) {
+  __shared__ T partial[kWarps];
+  __shared__ T result;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  v = warp_sum(v);
+  v = warp_reduce(v, merge);
   if (lane == 0) partial[warp] = v;
   __syncthreads();
   if (warp == 0) {
-    double s = lane < kWarps ? partial[lane] : 0.0;
-    s = warp_sum(s);
+    T s = lane < kWarps ? partial[lane] : identity;
+    s = warp_reduce(s, merge);
     if (lane == 0) result = s;
   }
   __syncthreads();
   return result;
 }
 
-__device__ Moments block_moments(Moments m) {
-  __shared__ Moments partial[kWarps];
-  __shared__ Moments result;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  m = warp_moments(m);
-  if (lane == 0) partial[warp] = m;
-  __syncthreads();
-  if (warp == 0) {
-    Moments s = lane < kWarps ? partial[lane] : empty_moments();
-    s = warp_moments(s);
-    if (lane == 0) result = s;
-  }
-  __syncthreads();
-  return result;
+__device__ double block_sum(double v) {
+  return block_reduce(v, 0.0, [](double a, double b) { return a + b; });
+}
+
+__device__ Moments block_moments(const Moments& m) {
+  return block_reduce(m, empty_moments(), [](const Moments& a, const Moments& b) { return merge_moments(a, b); });
 }
 
 template <typename In, typename Out>
