@@ -100,7 +100,7 @@ def build_executor(args):
 
 def main(args):
     try:
-        import submitit  # noqa: F401
+        import submitit
     except ImportError:
         print("celldino submit: submitit is not installed (pip install submitit)", file=sys.stderr)
         return 2
@@ -109,6 +109,11 @@ def main(args):
         load_config(args.config_file, args.opts)
     except ConfigError as exc:
         print(f"celldino submit: {exc}", file=sys.stderr)
+        return 2
+    cluster = args.cluster or submitit.AutoExecutor.which()
+    if cluster != "slurm" and args.nodes > 1:  # submitit's local executors run one node: say so before any change
+        print(f"celldino submit: --nodes {args.nodes} needs SLURM, but this machine has none (sbatch not found; "
+              f"cluster {cluster!r}); submit from a SLURM login node, or use torchrun here", file=sys.stderr)
         return 2
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     if args.no_resume:  # start over once, now; every requeue of the job then resumes the new run

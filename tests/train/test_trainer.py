@@ -336,6 +336,15 @@ def test_submit_runs_the_trainer_through_submitit(tmp_path, monkeypatch, capsys)
     assert "#SBATCH --requeue" in sbatch and "--kill-on-bad-exit=1" in sbatch
     bad = parser.parse_args(["--cluster", "debug", "--output-dir", str(tmp_path / "bad"), "train.nope=1"])
     assert submit.main(bad) == 2 and "train.nope" in capsys.readouterr().err
+    # several nodes without SLURM: one line, nothing created or set aside (submitit's local executor would fail
+    # with a traceback after creating the output directory)
+    monkeypatch.setattr(slurm_module.SlurmExecutor, "affinity", classmethod(lambda cls: -1))
+    (tmp_path / "multi" / "checkpoints" / "iter_00000001").mkdir(parents=True)
+    multi = parser.parse_args(["--nodes", "4", "--gpus-per-node", "8", "--output-dir", str(tmp_path / "multi"),
+                               "--no-resume"])
+    assert submit.main(multi) == 2
+    assert "--nodes 4 needs SLURM, but this machine has none" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "multi").iterdir()) == ["checkpoints"]
 
 
 KILL_SCRIPT = """
