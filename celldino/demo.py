@@ -60,24 +60,33 @@ def _knn_f1(model, csv, device):
 
 
 def main(args):
+    from celldino.config import ConfigError
     from celldino.hub import load_backbone
     from celldino.models import build_model_from_cfg
-    from celldino.train.trainer import run_training
+    from celldino.train.launch import train_reporting_errors
 
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
     csv = (data_dir / SAMPLE_CSV).resolve()
     if not csv.is_file():
-        print(f"celldino demo: the bundled sample is missing ({csv}); run from a checkout of the repository or "
-              "pass --data-dir", file=sys.stderr)
+        where = (f"--data-dir {args.data_dir} has no {SAMPLE_CSV}" if args.data_dir else
+                 "run from a checkout of the repository or pass --data-dir (the data/sample folder of one)")
+        print(f"celldino demo: the bundled sample is missing ({csv}): {where}", file=sys.stderr)
         return 2
     output_dir = Path(args.output_dir).resolve()
-    cfg = load_config("demo", [f"train.dataset_path=CSV:path={csv}", f"train.output_dir={output_dir}"] + args.opts)
+    try:
+        cfg = load_config("demo", [f"train.dataset_path=CSV:path={csv}", f"train.output_dir={output_dir}"]
+                          + args.opts)
+    except ConfigError as exc:
+        print(f"celldino demo: {exc}", file=sys.stderr)
+        return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     print(f"[1/3] pretraining a {cfg.student.arch} (embed {cfg.student.embed_dim}, depth {cfg.student.depth}, "
           f"patch {cfg.student.patch_size}) on {csv.parent} -> {output_dir}", flush=True)
     start = time.time()
-    run_training(cfg, output_dir, resume=not args.no_resume)
+    trained, code = train_reporting_errors(cfg, output_dir, resume=not args.no_resume, prog="celldino demo")
+    if trained is None:
+        return code
     train_seconds = time.time() - start
 
     print("[2/3] kNN evaluation (train -> val, unseen sources), mean per-class F1 x 100", flush=True)

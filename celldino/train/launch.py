@@ -40,31 +40,38 @@ def _requeue_slurm_job():
     return True
 
 
-def main(args):
-    from celldino.config import ConfigError, load_config
-
+def train_reporting_errors(cfg, output_dir, resume=True, prog="celldino train"):
+    """run_training as a command runs it: (summary, 0), or (None, exit code) after a one-line message for what a
+    user can fix (bad settings or input: 2; divergence or no loadable checkpoint: 1) instead of a traceback."""
     from .checkpointing import NoUsableCheckpointError
     from .trainer import TrainingDivergedError, run_training
     from celldino.data.loaders import worker_error_message
+    try:
+        return run_training(cfg, output_dir, resume=resume), 0
+    except (TrainingDivergedError, NoUsableCheckpointError) as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return None, 1
+    except ValueError as exc:  # bad settings or input found while building or running the run
+        print(f"{prog}: {worker_error_message(exc) or exc}", file=sys.stderr)
+        return None, 2
+    except RuntimeError as exc:  # a bad file met by a DataLoader worker arrives wrapped in a RuntimeError
+        message = worker_error_message(exc)
+        if message is None:
+            raise
+        print(f"{prog}: {message}", file=sys.stderr)
+        return None, 2
+
+
+def main(args):
+    from celldino.config import ConfigError, load_config
     try:
         cfg = load_config(args.config_file, args.opts)
     except ConfigError as exc:
         print(f"celldino train: {exc}", file=sys.stderr)
         return 2
-    try:
-        summary = run_training(cfg, args.output_dir, resume=not args.no_resume)
-    except (TrainingDivergedError, NoUsableCheckpointError) as exc:
-        print(f"celldino train: {exc}", file=sys.stderr)
-        return 1
-    except ValueError as exc:  # bad settings or input found while building or running the run
-        print(f"celldino train: {worker_error_message(exc) or exc}", file=sys.stderr)
-        return 2
-    except RuntimeError as exc:  # a bad file met by a DataLoader worker arrives wrapped in a RuntimeError
-        message = worker_error_message(exc)
-        if message is None:
-            raise
-        print(f"celldino train: {message}", file=sys.stderr)
-        return 2
+    summary, code = train_reporting_errors(cfg, args.output_dir, resume=not args.no_resume)
+    if summary is None:
+        return code
     rank = int(os.environ.get("RANK", 0))
     if rank == 0:
         last = summary.get("last_losses") or {}

@@ -40,3 +40,18 @@ def test_demo_end_to_end_and_resume(tmp_path, capsys):
     # running the same command again resumes the finished run instead of training from scratch
     assert cli.main(["demo", "--output-dir", str(out), "--device", "cpu"] + TINY) == 0
     assert json.loads((out / "demo_results.json").read_text())["knn_mean_per_class_f1"] == scores
+
+
+def test_demo_reports_bad_input_in_one_line(tmp_path, capsys):
+    """A --data-dir without the sample, a bad override, and a sample CSV naming missing files: exit 2 with one
+    line saying what is wrong (no traceback), as `celldino train` does."""
+    assert cli.main(["demo", "--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "a")]) == 2
+    assert f"--data-dir {tmp_path} has no stain_task/stain_task.csv" in capsys.readouterr().err
+    sample = tmp_path / "stain_task"
+    sample.mkdir()
+    (sample / "stain_task.csv").write_text("path,label,split\nnot_there.tif,a,train\n")
+    assert cli.main(["demo", "--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "b"), "train.nope=1"]) == 2
+    assert "celldino demo: " in capsys.readouterr().err
+    assert cli.main(["demo", "--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "c"), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "celldino demo: train.dataset_path" in err and "not_there.tif" in err and "Traceback" not in err
