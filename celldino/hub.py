@@ -116,8 +116,9 @@ def load_backbone(path, arch=None, **model_kwargs):
     with torch.device("meta"):  # no random init: every weight comes from the file
         model = _build(arch, kwargs, source)
     load_state_dict_strict(model, state_dict, source, assign=True)
-    logger.info("loaded %s (%s/%d, %d channels, img_size %d) from %s", arch or "custom ViT", arch,
-                model.patch_size, model.config["in_chans"], model.config["img_size"], source)
+    name = arch or f"custom ViT (width {model.embed_dim}, depth {model.n_blocks}, {model.num_heads} heads)"
+    logger.info("loaded %s, patch %d, %d channels, img_size %d, from %s", name, model.patch_size,
+                model.config["in_chans"], model.config["img_size"], source)
     return model.eval()
 
 
@@ -220,7 +221,8 @@ def add_arguments(parser):
                              "or a training checkpoint directory <output>/checkpoints/iter_<n>/ (its teacher)")
     parser.add_argument("--output-dir", required=True, help="directory for <name>.safetensors and <name>.pth")
     parser.add_argument("--name", default=None,
-                        help="file name stem (default: celldino_<arch><patch>, e.g. celldino_vitl16)")
+                        help="file name stem (default: celldino_<arch><patch>, e.g. celldino_vitl16; "
+                             "celldino_vit<patch> for a custom width or depth)")
     parser.add_argument("--block-chunks", type=int, default=4,
                         help="block key layout of the outputs: 4 = the released hub format (blocks.C.I), "
                              "0 = unchunked (blocks.I) (default 4)")

@@ -42,8 +42,8 @@ from ._dispatch import backend, interpreting, launch_autotuned, triton_available
 
 
 def _integer_offsets(cu_seqlens):
-    """cu_seqlens as a list of ints; float offsets are refused (a float tensor used to build a tile table that missed
-    tokens, and a list of floats was truncated silently)."""
+    """cu_seqlens as a list of ints; a floating-point tensor and fractional values are refused (a float tensor used
+    to build a tile table that missed tokens, and a list of floats was truncated silently); 16.0 counts as 16."""
     if torch.is_tensor(cu_seqlens):
         if cu_seqlens.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"multicrop_attention: cu_seqlens must be an int32 / int64 tensor, got {cu_seqlens.dtype}")
