@@ -143,18 +143,7 @@ def test_checkpoint_moves_between_world_sizes(tmp_path):
     assert meta["world_size"] == 2
 
     # 1 rank resumes from the sharded checkpoint: the full teacher equals the one the 2 ranks exported
-    trainer = Trainer(tiny_cfg(*common, "train.stop_after_iters=2"), out)
-    try:
-        assert trainer.start_iter == 2
-        saved = torch.load(out / "eval" / "training_1" / "teacher_checkpoint.pth", weights_only=True)["teacher"]
-        state = trainer.model.teacher.state_dict()
-        assert sorted(saved) == sorted(state) and all(torch.equal(saved[k], state[k]) for k in saved)
-        optim_state = trainer.optimizer.state_dict()["state"]
-        assert optim_state and all(int(s["step"]) == 2 for s in optim_state.values())
-        summary = trainer.run()
-    finally:
-        trainer.close()
-    assert summary["end_iteration"] == 4
+    assert _resume_in_one_process(out, tiny_cfg(*common, "train.stop_after_iters=2"))["end_iteration"] == 4
 
     # and back to 2 ranks: the full teacher gathered from the shards equals the 1-rank export at iteration 3
     results = _run_ranks(tmp_path, 2, {"overrides": common, "output_dir": str(out),
@@ -172,7 +161,13 @@ def test_an_hsdp_checkpoint_resumes_in_one_process(tmp_path):
     results = _run_ranks(tmp_path, 4, {"overrides": common + ["train.stop_after_iters=2", "train.fsdp_shard_size=2"],
                                        "output_dir": str(out)})
     assert all(r["mesh_shape"] == [2, 2] and r["end_iteration"] == 2 for r in results)
-    trainer = Trainer(tiny_cfg(*common), out)
+    assert _resume_in_one_process(out, tiny_cfg(*common))["end_iteration"] == 4
+
+
+def _resume_in_one_process(out, cfg):
+    """Resume the sharded run in `out` (stopped after iteration 1) in this process: the teacher equals the one the
+    sharded run exported at iteration 1 and the optimizer state was loaded; returns the summary of running on."""
+    trainer = Trainer(cfg, out)
     try:
         assert trainer.start_iter == 2
         saved = torch.load(out / "eval" / "training_1" / "teacher_checkpoint.pth", weights_only=True)["teacher"]
@@ -180,7 +175,7 @@ def test_an_hsdp_checkpoint_resumes_in_one_process(tmp_path):
         assert sorted(saved) == sorted(state) and all(torch.equal(saved[k], state[k]) for k in saved)
         optim_state = trainer.optimizer.state_dict()["state"]
         assert optim_state and all(int(s["step"]) == 2 for s in optim_state.values())
-        assert trainer.run()["end_iteration"] == 4
+        return trainer.run()
     finally:
         trainer.close()
 
