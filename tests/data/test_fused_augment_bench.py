@@ -1,13 +1,12 @@
 """benchmarks/bench_augment.py: a tiny run yields every provider's row; the fused rows are measured (not skipped)
 whenever celldino._C is built, and the GPU rows say why they are skipped on a CPU machine. benchmarks/bench_data.py:
 with celldino._C missing (made to look so) its rows are skipped with the reason instead of crashing the run, GPU
-crops fall back to the torch stand-in unless the CUDA part is built, every row gets the same timed runs, true
-median."""
+crops fall back to the torch stand-in unless the CUDA part is built, every row gets the same timed runs (the true
+median of common.wall_timing is tested in tests/benchmarks/test_common.py)."""
 
 import argparse
 import math
 
-import pytest
 import torch
 
 from benchmarks import bench_augment
@@ -84,15 +83,3 @@ def test_data_bench_times_every_row_with_the_same_runs(monkeypatch):
     timed = [r for r in rows if r["items_per_s"]]
     assert {r["provider"] for r in timed} >= {"tifffile", "reference", "celldino_torch"}
     assert len(reps) >= 3 and len(set(reps)) == 1
-
-
-def test_data_bench_time_takes_the_true_median():
-    from benchmarks import bench_data
-    now = [0.0]
-    durations = iter([0.009, 0.004, 0.001, 0.003, 0.002])  # s: one warm-up call, then four timed ones
-
-    def fn():
-        now[0] += next(durations)
-
-    timing = bench_data._time(fn, 4, clock=lambda: now[0])
-    assert timing[0] == pytest.approx(2.5) and timing.runs == 4  # not the upper-middle run (3 ms)
