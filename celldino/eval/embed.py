@@ -2,7 +2,7 @@
 optionally with a UMAP plot.
 
     celldino embed --checkpoint teacher_checkpoint.pth --input images/ --output cells.h5ad --umap cells.png
-    celldino embed --checkpoint model.safetensors --input cells.csv --output cells.npy --n-last-blocks 4 --avgpool
+    celldino embed --checkpoint model.safetensors --input cells.csv --output cells_emb.npy --n-last-blocks 4 --avgpool
     celldino embed --checkpoint ca.pth --input "CHAMMI_HPA:root=/data/chammi:split=TRAIN" --output x.h5ad \
         --bag-of-channels --crop-size 224 --color label_name
 
@@ -55,6 +55,46 @@ class EmbedError(ValueError):
     """A bad argument of embed_dataset (unknown colour column, output type, ...)."""
 
 
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def refuse_overwriting_inputs(dataset, output: str, umap_png: Optional[str] = None) -> None:
+    """Raise EmbedError when a file embed would write (the output, x.npy's sidecar x.csv, the UMAP PNG) is one of
+    its inputs (the dataset's CSV, an input image) or another of its outputs. Why: the documented
+    `--input cells.csv --output cells.npy` used to write the sidecar cells.csv over the input CSV (data loss).
+    Checked before the feature extraction, so nothing is computed for a run that would be refused."""
+    from .export import npy_sidecar_path
+
+    outputs = [("the output", output, "--output")]
+    if os.path.splitext(output)[1].lower() == ".npy":
+        outputs.append((f"the ids/metadata sidecar of {output}", npy_sidecar_path(output), "--output"))
+    if umap_png:
+        outputs.append(("the UMAP plot", umap_png, "--umap"))
+    seen = {}
+    for what, path, option in outputs:  # two outputs on one file: the later would silently replace the earlier
+        earlier = seen.setdefault(os.path.realpath(path), what)
+        if earlier != what:
+            raise EmbedError(f"{earlier} and {what} are the same file {path}: choose another {option} name")
+    csv_path = getattr(dataset, "csv_path", None)  # a .csv input or a CSV:path=... string
+    images = None
+    for what, path, option in outputs:
+        if not os.path.exists(path):  # only an existing file can be an input
+            continue
+        if csv_path and _same_file(path, csv_path):
+            stem = os.path.splitext(os.path.basename(output))[0]
+            raise EmbedError(f"{what} {path} would replace the input CSV {csv_path}: choose another {option} name"
+                             + (f" (e.g. {stem}_embeddings.npy)" if option == "--output" else ""))
+        if images is None:  # paths as the dataset resolved them (no stat per image: there may be millions)
+            n = getattr(dataset, "num_images", len(dataset)) if hasattr(dataset, "image_path") else 0
+            images = {os.path.abspath(dataset.image_path(i)) for i in range(n)}
+        if os.path.abspath(path) in images or os.path.realpath(path) in images:
+            raise EmbedError(f"{what} {path} would replace the input image {path}: choose another {option} name")
+
+
 def embed_dataset(model, dataset, output: str, *, umap_png: Optional[str] = None, color: Optional[str] = None,
                   compute_projection: bool = True, n_last_blocks: int = 1, avgpool: bool = False,
                   bag_of_channels: bool = False, normalize: bool = False, batch_size: int = 64, num_workers: int = 0,
@@ -71,6 +111,7 @@ def embed_dataset(model, dataset, output: str, *, umap_png: Optional[str] = None
     ext = os.path.splitext(output)[1].lower()
     if ext not in (".npy", ".h5ad"):
         raise EmbedError(f"output {output}: expected a .npy or .h5ad file name")
+    refuse_overwriting_inputs(dataset, output, umap_png)
     use_labels, class_names = _label_info(dataset)
     metadata = dataset_metadata(dataset)
     # label_name only when the labels have names (folder classes, text labels), not for integer labels

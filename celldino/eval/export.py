@@ -27,6 +27,7 @@ __all__ = [
     "write_anndata",
     "read_anndata",
     "write_npy",
+    "npy_sidecar_path",
     "plot_embedding",
 ]
 
@@ -194,13 +195,18 @@ def read_anndata(path: str):
     return ad.read_h5ad(path)
 
 
+def npy_sidecar_path(path: str) -> str:
+    """Where write_npy puts the ids + metadata of x.npy: x.csv (one definition: embed checks it against inputs)."""
+    return os.path.splitext(path)[0] + ".csv"
+
+
 def write_npy(path: str, embeddings, obs=None) -> Tuple[str, Optional[str]]:
     """embeddings -> path (.npy, float32) and, with obs, a sidecar <stem>.csv of ids + metadata (same order)."""
     x = np.asarray(embeddings, dtype=np.float32)
     atomic_write(path, lambda tmp: np.save(tmp, x))
     sidecar = None
     if obs is not None:
-        sidecar = os.path.splitext(path)[0] + ".csv"
+        sidecar = npy_sidecar_path(path)
         atomic_write(sidecar, lambda tmp: obs.to_csv(tmp, index=True, index_label="id"))
     return path, sidecar
 

@@ -1,0 +1,82 @@
+"""`celldino embed` / `embed_dataset` on small CSVs of real PNG files: outputs never replace an input, the user's
+own `label` column survives, the colour rule is the same for the API and the CLI, ids of files outside the
+dataset root are absolute."""
+import os
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from celldino.cli import main as celldino
+from celldino.eval.embed import EmbedError, embed_dataset
+from celldino.eval.inputs import build_input_dataset, make_eval_transform
+from celldino.hub import export_backbone
+
+from eval_helpers import tiny_vit
+
+
+def _images(folder, n=6, seed=0):
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for i in range(n):
+        path = os.path.join(folder, f"c{i}.png")
+        Image.fromarray((rng.random((16, 16)) * 255).astype(np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def _csv(tmp_path, name="cells.csv", **columns):
+    """cells.csv next to img/ (relative paths) with the given extra columns."""
+    paths = _images(str(tmp_path / "img"))
+    df = pd.DataFrame({"file": [os.path.relpath(p, tmp_path) for p in paths], **columns})
+    path = tmp_path / name
+    df.to_csv(path, index=False)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def model_and_checkpoint(tmp_path_factory):
+    model = tiny_vit(in_chans=1, seed=1, depth=2)
+    return model, export_backbone(model, str(tmp_path_factory.mktemp("ckpt")), "tiny")["safetensors"]
+
+
+def _dataset(spec):
+    return build_input_dataset(spec, transform=make_eval_transform(crop_size=0))
+
+
+def _embed_cli(ckpt, *args):
+    return celldino(["embed", "--checkpoint", ckpt, *args, "--num-workers", "0", "--no-progress"])
+
+
+# ---- outputs never replace an input ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("as_string", [False, True])
+def test_the_npy_sidecar_never_overwrites_the_input_csv(tmp_path, model_and_checkpoint, capsys, as_string):
+    """The documented `--input cells.csv --output cells.npy` used to write the sidecar cells.csv over the input."""
+    _, ckpt = model_and_checkpoint
+    csv = _csv(tmp_path, label=[0, 1] * 3)
+    before = open(csv, "rb").read()
+    given = f"CSV:path={csv}:label=label" if as_string else csv
+    assert _embed_cli(ckpt, "--input", given, "--output", str(tmp_path / "cells.npy")) == 2
+    err = capsys.readouterr().err
+    assert "cells.csv" in err and csv in err and "another --output" in err
+    assert open(csv, "rb").read() == before and not (tmp_path / "cells.npy").exists()
+    # a distinct name works and leaves the input alone
+    assert _embed_cli(ckpt, "--input", given, "--output", str(tmp_path / "cells_emb.npy")) == 0
+    assert open(csv, "rb").read() == before
+    assert pd.read_csv(tmp_path / "cells_emb.csv").columns.tolist()[:2] == ["id", "file"]
+
+
+def test_no_output_replaces_an_input_image(tmp_path, model_and_checkpoint):
+    model, _ = model_and_checkpoint
+    image = _images(str(tmp_path))[0]
+    before = open(image, "rb").read()
+    with pytest.raises(EmbedError, match=re.escape(f"the UMAP plot {image} would replace the input image {image}")):
+        embed_dataset(model, _dataset(image), str(tmp_path / "x.h5ad"), umap_png=image, progress=False)
+    assert open(image, "rb").read() == before
+    with pytest.raises(EmbedError, match="the same file"):  # the plot would replace the sidecar
+        embed_dataset(model, _dataset(image), str(tmp_path / "x.npy"), umap_png=str(tmp_path / "x.csv"),
+                      progress=False)
