@@ -160,7 +160,6 @@ def sample_multicrop_params(shapes, seed):
                               global_scale=GLOBAL_SCALE, local_scale=LOCAL_SCALE, seed_or_generator=seed)
 
 
-_sample_params = sample_multicrop_params  # its former name, still used by tests/data/test_dali_bench.py
 
 
 def multicrop_torch_batched(images, params, divisor=65535.0, eps=1e-7):

@@ -22,7 +22,7 @@ def test_batched_multicrop_matches_per_crop_torch(shape):
     images = torch.from_numpy(np.stack([bench_data.synthetic_field(rng, c, max(h, w))[:, :h, :w] for _ in range(3)]))
     images[1, 0] = 7  # a constant channel: normalised to exactly 0 by both
     for seed in range(3):
-        params = bench_data._sample_params([shape] * 3, seed)
+        params = bench_data.sample_multicrop_params([shape] * 3, seed)
         got_global, got_local = bench_data.multicrop_torch_batched(images, params)
         assert got_global.shape == (6, c, 224, 224) and got_local.shape == (24, c, 96, 96)
         want = apply_all_crop_params_torch([im.to(torch.float32) / 65535 for im in images], params)
