@@ -172,6 +172,10 @@ def make_plan(cfg, device, distributed):
                 reshard = True  # forward only: nothing to keep for a backward
             if policy == "reference":
                 mp = section.mixed_precision
+                if _dtype(mp.get("buffer_dtype", "fp32")) != torch.float32:
+                    # FSDP2 never casts buffers (and the backbone and heads have none that FSDP would cast)
+                    raise ValueError(f"compute_precision.{role}.{name}.mixed_precision.buffer_dtype: only fp32 is "
+                                     f"supported (FSDP2 keeps buffers in fp32), got {mp.buffer_dtype!r}")
                 plans[name] = PrecisionPlan(_dtype(mp.param_dtype), _dtype(mp.reduce_dtype), reshard)
             elif policy == "bf16":
                 plans[name] = PrecisionPlan(torch.bfloat16, torch.float32, reshard)

@@ -128,6 +128,11 @@ def _check_config(cfg):
     if cfg.crops.global_crops_size % cfg.student.patch_size:
         raise ValueError(f"crops.global_crops_size {cfg.crops.global_crops_size} is not a multiple of "
                          f"student.patch_size {cfg.student.patch_size}")
+    if str(cfg.MODEL.get("WEIGHTS") or ""):
+        # the reference reads it only in train.py --eval-only; ignoring it silently would train from scratch
+        raise ValueError(f"MODEL.WEIGHTS={cfg.MODEL.WEIGHTS!r} is not used by celldino train (the reference reads it "
+                         "only with --eval-only): start from weights with student.pretrained_weights=PATH, or "
+                         "evaluate them with celldino eval knn / linear --checkpoint PATH")
     if cfg.dino.koleo_loss_weight > 0 and cfg.train.batch_size_per_gpu < 2:
         # KoLeo uses this rank's batch only (as the reference): one row is its own nearest neighbour, and the
         # reference optimises -log of a ~1e-8 distance there (about 15 in fp32, inf/NaN in fp16)

@@ -54,6 +54,11 @@ def test_precision_plan():
         make_plan(tiny_cfg("train.activation_checkpointing=some"), cpu, distributed=False)
     with pytest.raises(ValueError, match="needs a CUDA GPU"):
         make_plan(tiny_cfg("compute_precision.policy=reference"), cpu, distributed=False)
+    # FSDP2 keeps buffers in fp32: another reference buffer_dtype is refused rather than ignored
+    with pytest.raises(ValueError, match="student.dino_head.mixed_precision.buffer_dtype: only fp32"):
+        make_plan(tiny_cfg("compute_precision.policy=reference",
+                           "compute_precision.student.dino_head.mixed_precision.buffer_dtype=fp16"), cuda,
+                  distributed=False)
 
 
 def test_flop_model_matches_flop_counter():

@@ -199,6 +199,9 @@ def test_cli_errors_name_the_bad_key(tmp_path, capsys):
     assert _launch("--config-file", "demo", "--output-dir", str(tmp_path / "c"), "train.batch_size_per_gpu=1",
                    "train.device=cpu") == 2
     assert "KoLeo needs at least 2 images per rank" in capsys.readouterr().err
+    # MODEL.WEIGHTS is read by the reference only with --eval-only: refused, not silently ignored
+    assert _launch("--config-file", "demo", "--output-dir", str(tmp_path / "w"), "MODEL.WEIGHTS=teacher.pth") == 2
+    assert "MODEL.WEIGHTS='teacher.pth' is not used by celldino train" in capsys.readouterr().err
     # settings checked while the trainer is built fail before config.yaml is written (a corrected rerun there would
     # otherwise report the settings of a run that never trained as changed)
     for setting, message in (("train.compile=maybe", "train.compile: expected true, false or auto, got 'maybe'"),
