@@ -14,13 +14,16 @@ of the last N blocks and --avgpool appends the mean patch token (the linear-prob
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 
 from ._cli import add_model_arguments, autocast_arg, load_model, setup
+
+logger = logging.getLogger("celldino")
 
 
 def add_arguments(parser):
@@ -29,7 +32,8 @@ def add_arguments(parser):
     parser.add_argument("--output", required=True, help="x.npy (features + x.csv of ids and metadata) or x.h5ad")
     parser.add_argument("--umap", default=None, metavar="PNG", help="also write a UMAP plot of the embeddings")
     parser.add_argument("--color", default=None, metavar="COLUMN",
-                        help="obs column colouring the plot (default: label_name, else label, when present)")
+                        help="obs column colouring the plot (default: label_name, else label, when present; "
+                             "label_name for integer labels colours by label)")
     parser.add_argument("--n-last-blocks", type=int, default=1,
                         help="concatenate the CLS tokens of the last N blocks (default 1: the final CLS)")
     parser.add_argument("--avgpool", action="store_true", help="append the average of the last block's patch tokens")
@@ -53,6 +57,39 @@ def _label_info(dataset):
 
 class EmbedError(ValueError):
     """A bad argument of embed_dataset (unknown colour column, output type, ...)."""
+
+
+def label_column_names(dataset, metadata_columns) -> Tuple[str, str]:
+    """Names of the generated label and label-name columns: `label` / `label_name`, unless the metadata has a
+    column of either name that the labels were not read from (a CSV with its own `label` column and
+    label=stain): then both are `celldino_label` / `celldino_label_name` (a pair, so they read together), and
+    the user's columns are kept. A `label` column the labels come from is replaced by the class index (its
+    values stay in `label_name` when they are names)."""
+    sources = set(getattr(dataset, "label_columns", None) or [])
+    clash = any(c in metadata_columns and c not in sources for c in ("label", "label_name"))
+    prefix = "celldino_" if clash else ""
+    return f"{prefix}label", f"{prefix}label_name"
+
+
+def color_column(color: Optional[str], columns, label_column: str = "label",
+                 name_column: str = "label_name") -> Optional[str]:
+    """The obs column colouring the UMAP plot, one rule for the API and the CLI: `color` when it is a column;
+    None -> the label names, else the labels, else no colour; "label_name" for labels without names (integer
+    labels, as in the bundled sample) -> the labels, with a warning (why: the documented
+    `color="label_name"` should not fail on such inputs). Anything else missing: EmbedError listing the
+    columns."""
+    if color is None:
+        return next((c for c in (name_column, label_column) if c in columns), None)
+    if color in columns:
+        return color
+    if color == "label_name":  # the generated names (renamed on a clash with a CSV column), else the labels
+        if name_column in columns:
+            return name_column
+        if label_column in columns:
+            logger.warning("the labels have no names (integer labels): colouring by %r instead of 'label_name'",
+                           label_column)
+            return label_column
+    raise EmbedError(f"colour column {color!r} is not in the metadata (columns: {', '.join(columns)})")
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -103,7 +140,7 @@ def embed_dataset(model, dataset, output: str, *, umap_png: Optional[str] = None
     """Embed every item of a celldino dataset (with its eval transform) and write `output` (.npy + ids .csv,
     or .h5ad with obsm['X_umap'] unless compute_projection=False), plus a UMAP PNG coloured by `color` (an obs
     column; default label_name / label). Every rank computes its share; rank 0 writes.
-    Returns {"output", "sidecar", "umap_png", "projection", "n", "dim", "obs_columns"}."""
+    Returns {"output", "sidecar", "umap_png", "projection", "color", "n", "dim", "obs_columns"}."""
     from . import _dist
     from .export import build_obs, compute_umap, dataset_metadata, plot_embedding, write_anndata, write_npy
     from .features import dataset_ids, extract_features
@@ -114,16 +151,17 @@ def embed_dataset(model, dataset, output: str, *, umap_png: Optional[str] = None
     refuse_overwriting_inputs(dataset, output, umap_png)
     use_labels, class_names = _label_info(dataset)
     metadata = dataset_metadata(dataset)
-    # label_name only when the labels have names (folder classes, text labels), not for integer labels
-    columns = list(metadata.columns) + (["label"] + (["label_name"] if class_names is not None else [])
-                                        if use_labels else [])
-    if color is not None and color not in columns:
-        raise EmbedError(f"colour column {color!r} is not in the metadata (columns: {', '.join(columns)})")
+    label_col, name_col = label_column_names(dataset, metadata.columns)
+    # name_col only when the labels have names (folder classes, text labels), not for integer labels; each
+    # column once (the generated label replaces the CSV column it was read from)
+    generated = ([label_col] + ([name_col] if class_names is not None else [])) if use_labels else []
+    columns = list(dict.fromkeys(list(metadata.columns) + generated))
+    color = color_column(color, columns, label_col, name_col)  # before the (long) extraction
     feats = extract_features(model, dataset, kind="cls", n_last_blocks=n_last_blocks, avgpool=avgpool,
                              bag_of_channels=bag_of_channels, batch_size=batch_size, num_workers=num_workers,
                              device=device, autocast_dtype=autocast_dtype, cache_dir=cache_dir, progress=progress,
                              desc="embedding")
-    result = {"output": output, "sidecar": None, "umap_png": None, "projection": None,
+    result = {"output": output, "sidecar": None, "umap_png": None, "projection": None, "color": None,
               "n": int(feats.features.shape[0]), "dim": int(feats.features.shape[1])}
     if not _dist.is_main_process():
         _dist.barrier()
@@ -132,9 +170,10 @@ def embed_dataset(model, dataset, output: str, *, umap_png: Optional[str] = None
     if normalize:
         x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     labels = feats.labels.numpy() if (use_labels and feats.labels is not None) else None
-    obs = build_obs(dataset_ids(dataset), metadata, labels, class_names)
-    if color is None:
-        color = next((c for c in ("label_name", "label") if c in obs.columns), None)
+    obs = build_obs(dataset_ids(dataset), metadata, labels, class_names, label_column=label_col,
+                    name_column=name_col)
+    if color is not None and color not in obs.columns:  # names left out (labels outside the class list)
+        color = label_col if label_col in obs.columns else None
     coords, projection = None, None
     if umap_png or (ext == ".h5ad" and compute_projection):
         coords, projection = compute_umap(x)
@@ -152,7 +191,7 @@ def embed_dataset(model, dataset, output: str, *, umap_png: Optional[str] = None
         plot_embedding(coords, umap_png, color=None if color is None else obs[color].to_numpy(), color_name=color,
                        projection=projection)
         result["umap_png"] = umap_png
-    result.update(projection=projection, obs_columns=list(obs.columns))
+    result.update(projection=projection, obs_columns=list(obs.columns), color=color)
     _dist.barrier()
     return result
 

@@ -107,9 +107,10 @@ def dataset_metadata(dataset):
     return meta.reset_index(drop=True)
 
 
-def build_obs(ids: Sequence[str], metadata=None, labels=None, class_names: Optional[Sequence[str]] = None):
-    """obs DataFrame: index = ids (made unique), metadata columns, then `label` (class index, or the multi-hot
-    vector as ';'-joined label indices) and `label_name` when class names are known."""
+def build_obs(ids: Sequence[str], metadata=None, labels=None, class_names: Optional[Sequence[str]] = None, *,
+              label_column: str = "label", name_column: str = "label_name"):
+    """obs DataFrame: index = ids (made unique), metadata columns, then `label_column` (class index, or the
+    multi-hot vector as ';'-joined label indices) and `name_column` when class names are known."""
     import pandas as pd
 
     obs = pd.DataFrame(index=pd.Index([str(i) for i in ids], name="id"))
@@ -121,13 +122,13 @@ def build_obs(ids: Sequence[str], metadata=None, labels=None, class_names: Optio
     if labels is not None:
         lab = np.asarray(labels)
         if lab.ndim == 1:
-            obs["label"] = lab.astype(np.int64)
+            obs[label_column] = lab.astype(np.int64)
             if class_names is not None and lab.size and lab.max() < len(class_names) and lab.min() >= 0:
-                obs["label_name"] = pd.Categorical([str(class_names[v]) for v in lab])
+                obs[name_column] = pd.Categorical([str(class_names[v]) for v in lab])
         elif lab.ndim == 2:
-            obs["label"] = [";".join(str(j) for j in np.nonzero(row)[0]) for row in lab]
+            obs[label_column] = [";".join(str(j) for j in np.nonzero(row)[0]) for row in lab]
             if class_names is not None and lab.shape[1] == len(class_names):
-                obs["label_name"] = [";".join(str(class_names[j]) for j in np.nonzero(row)[0]) for row in lab]
+                obs[name_column] = [";".join(str(class_names[j]) for j in np.nonzero(row)[0]) for row in lab]
     for column in obs.columns:  # repeated strings as categories (what anndata would do, noisily, on write)
         col = obs[column]
         if col.dtype == object and col.map(type).eq(str).all() and col.nunique() < len(col):

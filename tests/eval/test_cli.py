@@ -98,10 +98,7 @@ def test_embed_bad_inputs(tmp_path, checkpoint, subset_csv, capsys):
     assert celldino(["embed", "--checkpoint", ckpt, "--input", VAL, "--output", str(tmp_path / "x.npy"),
                      "--color", "nope", "--no-progress"]) == 2
     assert "'nope' is not in the metadata" in capsys.readouterr().err
-    # integer labels have no names: label_name is refused up front (it used to end in a pandas KeyError)
-    assert celldino(["embed", "--checkpoint", ckpt, "--input", VAL, "--output", str(tmp_path / "x.npy"),
-                     "--color", "label_name", "--no-progress"]) == 2
-    assert "'label_name' is not in the metadata" in capsys.readouterr().err
+    # --color label_name on integer labels colours by label (API and CLI): tests/eval/test_embed.py
     assert celldino(["embed", "--checkpoint", str(tmp_path / "missing.pth"), "--input", VAL, "--output",
                      str(tmp_path / "x.npy")]) == 1
     assert "cannot load --checkpoint" in capsys.readouterr().err

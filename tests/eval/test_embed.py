@@ -1,6 +1,7 @@
 """`celldino embed` / `embed_dataset` on small CSVs of real PNG files: outputs never replace an input, the user's
 own `label` column survives, the colour rule is the same for the API and the CLI, ids of files outside the
 dataset root are absolute."""
+import logging
 import os
 import re
 
@@ -80,3 +81,44 @@ def test_no_output_replaces_an_input_image(tmp_path, model_and_checkpoint):
     with pytest.raises(EmbedError, match="the same file"):  # the plot would replace the sidecar
         embed_dataset(model, _dataset(image), str(tmp_path / "x.npy"), umap_png=str(tmp_path / "x.csv"),
                       progress=False)
+
+
+# ---- label columns --------------------------------------------------------------------------------------------------
+
+def test_a_csv_column_named_label_is_kept_when_the_labels_come_from_another(tmp_path, model_and_checkpoint, capsys):
+    model, ckpt = model_and_checkpoint
+    stains = ["dna", "actin", "dna", "spots", "actin", "dna"]
+    csv = _csv(tmp_path, label=["keep", "me", "keep", "me", "keep", "me"], stain=stains)
+    spec = f"CSV:path={csv}:label=stain"
+    out = embed_dataset(model, _dataset(spec), str(tmp_path / "x.h5ad"), compute_projection=False, progress=False)
+    import anndata
+    obs = anndata.read_h5ad(tmp_path / "x.h5ad").obs
+    assert obs["label"].astype(str).tolist() == ["keep", "me"] * 3  # the user's column, untouched
+    assert obs["celldino_label"].tolist() == [1, 0, 1, 2, 0, 1]  # sorted classes: actin, dna, spots
+    assert obs["celldino_label_name"].astype(str).tolist() == stains
+    assert out["color"] == "celldino_label_name"
+    # the colour error lists every column once
+    assert _embed_cli(ckpt, "--input", spec, "--output", str(tmp_path / "y.npy"), "--color", "nope") == 2
+    listed = capsys.readouterr().err.split("(columns: ")[1].split(")")[0].split(", ")
+    assert listed == ["file", "label", "stain", "path", "celldino_label", "celldino_label_name"]
+    # labels read from the `label` column itself: it holds the class index, as before
+    out = embed_dataset(model, _dataset(f"CSV:path={csv}"), str(tmp_path / "z.npy"), progress=False)
+    side = pd.read_csv(out["sidecar"])
+    assert side["label"].tolist() == [0, 1] * 3 and side["label_name"].tolist() == ["keep", "me"] * 3
+    assert "celldino_label" not in side.columns
+
+
+def test_label_name_colours_by_label_for_integer_labels_in_api_and_cli(tmp_path, model_and_checkpoint, caplog):
+    """docs/eval.md's `embed_dataset(..., color="label_name")` on a CSV of integer labels (like the sample) used
+    to raise; the API and the CLI now share one rule: label_name, else label."""
+    model, ckpt = model_and_checkpoint
+    csv = _csv(tmp_path, label=[0, 1, 2] * 2)
+    with caplog.at_level(logging.WARNING, logger="celldino"):
+        out = embed_dataset(model, _dataset(csv), str(tmp_path / "x.h5ad"), umap_png=str(tmp_path / "x.png"),
+                            color="label_name", progress=False)
+    assert out["color"] == "label" and os.path.getsize(tmp_path / "x.png") > 1000
+    assert "have no names (integer labels): colouring by 'label'" in caplog.text
+    assert _embed_cli(ckpt, "--input", csv, "--output", str(tmp_path / "y.npy"), "--umap",
+                      str(tmp_path / "y.png"), "--color", "label_name") == 0
+    with pytest.raises(EmbedError, match="'stain' is not in the metadata"):
+        embed_dataset(model, _dataset(csv), str(tmp_path / "x.npy"), color="stain", progress=False)
