@@ -218,21 +218,29 @@ class Features:
         return int(self.features.shape[0])
 
 
+def _id_of_path(path: str, root: Optional[str]) -> str:
+    """The path relative to root when the file lies under it, else the absolute path (why: a CSV listing files
+    elsewhere gave ids like '../../work/...', which depend on where the CSV sits and name no file)."""
+    if root:
+        try:
+            rel = os.path.relpath(path, root)
+        except ValueError:  # another drive (Windows)
+            rel = os.pardir
+        if rel != os.pardir and not rel.startswith(os.pardir + os.sep):
+            return rel
+    return os.path.abspath(path)
+
+
 def dataset_ids(dataset) -> List[str]:
-    """One id per item: the image path relative to the dataset root (+ '#c<k>' per channel in bag of channels
-    datasets), else the index."""
+    """One id per item: the image path relative to the dataset root when it lies under it, else its absolute
+    path (+ '#c<k>' per channel in bag of channels datasets); the index for datasets without image paths."""
     n = len(dataset)
     if not hasattr(dataset, "image_path"):
         return [str(i) for i in range(n)]
     root = getattr(dataset, "root", None)
     ids = []
     for i in range(n):
-        path = dataset.image_path(i)
-        if root:
-            try:
-                path = os.path.relpath(path, root)
-            except ValueError:
-                pass
+        path = _id_of_path(dataset.image_path(i), root)
         if getattr(dataset, "separate_channels", False) and hasattr(dataset, "locate"):
             path = f"{path}#c{dataset.locate(i)[1]}"
         ids.append(path)

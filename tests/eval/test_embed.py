@@ -12,6 +12,7 @@ from PIL import Image
 
 from celldino.cli import main as celldino
 from celldino.eval.embed import EmbedError, embed_dataset
+from celldino.eval.features import dataset_ids
 from celldino.eval.inputs import build_input_dataset, make_eval_transform
 from celldino.hub import export_backbone
 
@@ -122,3 +123,14 @@ def test_label_name_colours_by_label_for_integer_labels_in_api_and_cli(tmp_path,
                       str(tmp_path / "y.png"), "--color", "label_name") == 0
     with pytest.raises(EmbedError, match="'stain' is not in the metadata"):
         embed_dataset(model, _dataset(csv), str(tmp_path / "x.npy"), color="stain", progress=False)
+
+
+# ---- ids ----------------------------------------------------------------------------------------------------
+
+def test_ids_are_relative_under_the_root_and_absolute_outside_it(tmp_path):
+    inside = _images(str(tmp_path / "data" / "img"), n=2)
+    outside = _images(str(tmp_path / "elsewhere"), n=2, seed=1)
+    csv = tmp_path / "data" / "cells.csv"
+    pd.DataFrame({"file": ["img/c0.png", inside[1], outside[0], outside[1]]}).to_csv(csv, index=False)
+    assert dataset_ids(_dataset(str(csv))) == [os.path.join("img", "c0.png"), os.path.join("img", "c1.png"),
+                                              outside[0], outside[1]]
