@@ -49,17 +49,18 @@ def make_eval_dataset(spec: str, crop_size: int = 384, resize_size: int = 0, aug
     return build_input_dataset(spec, transform=make_eval_transform(crop_size, resize_size, augment, intensity_scale))
 
 
-def share_label_space(train, *others) -> Optional[List[str]]:
+def share_label_space(train, *others, where: Optional[List[str]] = None) -> Optional[List[str]]:
     """Give the evaluation splits one label space: each split with named classes (Folder sub-folders, a CSV's
     string labels) is built alone, so a val split missing a class would otherwise number the rest differently
     from train and be scored against the wrong classes. Re-indexes `others` into train's class order in place
-    (classes train lacks are appended, with a warning: no train item can vote for them). Returns the class
-    names (None when train has none)."""
+    (classes train lacks are appended, with a warning: no train item can vote for them). `where`: how the
+    warning names each of `others` (e.g. "the val split <dataset string>"; default "evaluation split <k>").
+    Returns the class names (None when train has none)."""
     names = getattr(train, "classes", None)
     if names is None:
         return None
     names = list(names)
-    for ds in others:
+    for k, ds in enumerate(others):
         if ds is None or getattr(ds, "classes", None) is None or not hasattr(ds, "align_classes"):
             continue
         if list(ds.classes[:len(names)]) == names:  # already in this label space (e.g. aligned by the CLI)
@@ -67,8 +68,10 @@ def share_label_space(train, *others) -> Optional[List[str]]:
             continue
         unseen = [c for c in ds.classes if c not in set(names)]
         if unseen:
+            # named as the splits are everywhere else, not by the dataset class ("Folder has classes ...")
             logger.warning("%s has classes the train split lacks (%s): they are scored, but no train item can "
-                           "vote for them", getattr(ds, "name", "an evaluation split"), ", ".join(map(str, unseen)))
+                           "vote for them", where[k] if where else f"evaluation split {k + 1}",
+                           ", ".join(map(str, unseen)))
         names = ds.align_classes(names)
     return names
 
@@ -137,11 +140,15 @@ class EvalDatasets:
     names: Dict[str, str]
     class_names: Optional[List[str]]
 
+    def where(self, key: str) -> str:
+        """How messages name a split: "the <key> split", plus its name unless that is just the key."""
+        name = self.names[key]
+        return f"the {key} split" + ("" if name == key else f" {name}")
+
     @property
     def train_where(self) -> str:
-        """How errors name the train split: "the train split", plus its name unless that is just "train"."""
-        name = self.names["train"]
-        return "the train split" + ("" if name == "train" else f" {name}")
+        """How errors name the train split (`where("train")`)."""
+        return self.where("train")
 
 
 def prepare_eval_datasets(splits: Dict[str, Any], *, crop_size: int = 384, resize_size: int = 0,
@@ -163,8 +170,10 @@ def prepare_eval_datasets(splits: Dict[str, Any], *, crop_size: int = 384, resiz
         names.setdefault(key, getattr(ds, "name", key))
         built[key] = ds
     train = built["train"]
-    class_names = share_label_space(train, *(ds for key, ds in built.items() if key != "train"))
-    prepared = EvalDatasets(built, names, class_names)
+    prepared = EvalDatasets(built, names, None)
+    others = [key for key in built if key != "train"]
+    prepared.class_names = share_label_space(train, *(built[key] for key in others),
+                                             where=[prepared.where(key) for key in others])
     require_several_classes(train, prepared.train_where)
     # a dataset object brings its own transform: the crop options say nothing about it
     if isinstance(splits["train"], str) and _dist.is_main_process(group):

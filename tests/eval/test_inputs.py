@@ -90,3 +90,17 @@ def test_knn_and_linear_refuse_a_one_class_train_split_with_the_same_words():
             evaluate(model, _Plates(images, [0] * 4), val, progress=False)
         with pytest.raises(ValueError, match=r"^the train split T has a single class"):
             evaluate(model, _Plates(images, [0] * 4), val, dataset_names={"train": "T"}, progress=False)
+
+
+def test_the_label_space_warning_names_the_split_by_its_display_name(tmp_path, caplog):
+    """A val split with a class train lacks is named as the splits are everywhere else (here: its dataset
+    string), not by its dataset class ("Folder has classes the train split lacks")."""
+    train = _folder_with_classes(tmp_path / "train", "ab")
+    val = _folder_with_classes(tmp_path / "val", "ac")
+    with caplog.at_level("WARNING", logger="celldino"):
+        p = prepare_eval_datasets({"train": train, "val": val}, crop_size=16)
+        prepare_eval_datasets({"train": train, "val": val}, crop_size=16, names={"val": "V"})
+    assert p.class_names == ["a", "b", "c"]
+    first, second = [r.getMessage() for r in caplog.records if "lacks" in r.getMessage()]
+    assert first.startswith(f"the val split {val} has classes the train split lacks (c)")
+    assert second.startswith("the val split V has classes the train split lacks (c)")
