@@ -134,3 +134,30 @@ def test_ids_are_relative_under_the_root_and_absolute_outside_it(tmp_path):
     pd.DataFrame({"file": ["img/c0.png", inside[1], outside[0], outside[1]]}).to_csv(csv, index=False)
     assert dataset_ids(_dataset(str(csv))) == [os.path.join("img", "c0.png"), os.path.join("img", "c1.png"),
                                               outside[0], outside[1]]
+
+
+# ---- checkpoint sources -----------------------------------------------------------------------------------------------
+
+def test_a_training_checkpoint_directory_is_read_by_embed(tmp_path):
+    """docs/eval.md used to say a `checkpoints/iter_<n>/` directory is refused; embed reads its teacher backbone
+    (a torch.distributed.checkpoint laid out as `celldino train` saves it, with its meta.json settings)."""
+    import json
+    import warnings
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    model = tiny_vit(in_chans=1, seed=4, depth=2)
+    ckpt_dir = tmp_path / "out" / "checkpoints" / "iter_00000003"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "assuming ... a single process"
+        dcp.save({"train": {"model": {"teacher": {"backbone": model.state_dict()}}}}, checkpoint_id=str(ckpt_dir))
+    settings = dict(img_size=32, patch_size=8, in_chans=1, embed_dim=32, depth=2, num_heads=2, init_values=1.0,
+                    block_chunks=0, source="celldino train")
+    (ckpt_dir / "meta.json").write_text(json.dumps({"iteration": 3, "world_size": 1,
+                                                    "teacher_backbone": settings}))
+    image = _images(str(tmp_path / "img"), n=1)[0]
+    assert _embed_cli(str(ckpt_dir), "--input", image, "--output", str(tmp_path / "one.npy")) == 0
+    with torch.no_grad():
+        expected = model(_dataset(image)[0][0][None])
+    np.testing.assert_allclose(np.load(tmp_path / "one.npy"), expected.numpy(), atol=1e-5, rtol=1e-5)
