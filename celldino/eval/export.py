@@ -109,11 +109,15 @@ def dataset_metadata(dataset):
 
 def build_obs(ids: Sequence[str], metadata=None, labels=None, class_names: Optional[Sequence[str]] = None, *,
               label_column: str = "label", name_column: str = "label_name"):
-    """obs DataFrame: index = ids (made unique), metadata columns, then `label_column` (class index, or the
+    """obs DataFrame: index = ids (made unique; named `id`, or `celldino_id` when the metadata has an `id`
+    column), metadata columns, then `label_column` (class index, or the
     multi-hot vector as ';'-joined label indices) and `name_column` when class names are known."""
     import pandas as pd
 
-    obs = pd.DataFrame(index=pd.Index([str(i) for i in ids], name="id"))
+    # the index is named "id" unless the metadata has its own `id` column: anndata refuses an index name that
+    # is also a column (the .h5ad write failed) and the .npy sidecar would get two `id` columns
+    own_id = metadata is not None and "id" in map(str, metadata.columns)
+    obs = pd.DataFrame(index=pd.Index([str(i) for i in ids], name="celldino_id" if own_id else "id"))
     if metadata is not None and len(metadata):
         if len(metadata) != len(obs):
             raise ValueError(f"metadata has {len(metadata)} rows for {len(obs)} embeddings")
@@ -134,7 +138,7 @@ def build_obs(ids: Sequence[str], metadata=None, labels=None, class_names: Optio
         if col.dtype == object and col.map(type).eq(str).all() and col.nunique() < len(col):
             obs[column] = pd.Categorical(col)
     if not obs.index.is_unique:
-        obs.index = _make_unique(list(obs.index))
+        obs.index = pd.Index(_make_unique(list(obs.index)), name=obs.index.name)  # keep the id column's name
     return obs
 
 
@@ -208,7 +212,7 @@ def write_npy(path: str, embeddings, obs=None) -> Tuple[str, Optional[str]]:
     sidecar = None
     if obs is not None:
         sidecar = npy_sidecar_path(path)
-        atomic_write(sidecar, lambda tmp: obs.to_csv(tmp, index=True, index_label="id"))
+        atomic_write(sidecar, lambda tmp: obs.to_csv(tmp, index=True, index_label=obs.index.name or "id"))
     return path, sidecar
 
 

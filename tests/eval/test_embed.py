@@ -125,6 +125,21 @@ def test_label_name_colours_by_label_for_integer_labels_in_api_and_cli(tmp_path,
         embed_dataset(model, _dataset(csv), str(tmp_path / "x.npy"), color="stain", progress=False)
 
 
+def test_a_csv_column_named_id_is_kept(tmp_path, model_and_checkpoint):
+    """A CSV with its own `id` column gave the .npy sidecar two `id` columns and made the .h5ad write fail (after
+    the extraction: anndata refuses an index name that is also a column): the ids are then `celldino_id`."""
+    model, _ = model_and_checkpoint
+    csv = _csv(tmp_path, id=[f"cell{i}" for i in range(6)])
+    out = embed_dataset(model, _dataset(csv), str(tmp_path / "x.npy"), progress=False)
+    side = pd.read_csv(out["sidecar"])
+    assert side.columns.tolist() == ["celldino_id", "file", "id", "path"]
+    assert side["id"].tolist() == [f"cell{i}" for i in range(6)] and side["celldino_id"][0] == "img/c0.png"
+    embed_dataset(model, _dataset(csv), str(tmp_path / "x.h5ad"), compute_projection=False, progress=False)
+    import anndata
+    adata = anndata.read_h5ad(tmp_path / "x.h5ad")
+    assert adata.obs["id"].astype(str).tolist() == side["id"].tolist() and adata.obs_names[0] == "img/c0.png"
+
+
 # ---- ids ----------------------------------------------------------------------------------------------------
 
 def test_ids_are_relative_under_the_root_and_absolute_outside_it(tmp_path):

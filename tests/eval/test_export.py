@@ -15,6 +15,7 @@ def test_anndata_round_trip(tmp_path):
     labels = np.array([0, 1, 1, 2, 0, 2])
     obs = build_obs(["a.tif", "b.tif", "a.tif", "c.tif", "d.tif", "e.tif"], meta, labels, ["dna", "actin", "spots"])
     assert list(obs.index) == ["a.tif", "b.tif", "a.tif-1", "c.tif", "d.tif", "e.tif"]  # made unique
+    assert obs.index.name == "id"  # also when made unique: the .npy sidecar's first column
     assert obs["plate"].tolist() == [1, 1, 1, 2, 2, 2]  # numeric-looking CSV strings become numbers
     umap = rng.normal(size=(6, 2)).astype(np.float32)
     path = tmp_path / "sub" / "emb.h5ad"
