@@ -106,16 +106,18 @@ def refuse_overwriting_inputs(dataset, output: str, umap_png: Optional[str] = No
     Checked before the feature extraction, so nothing is computed for a run that would be refused."""
     from .export import npy_sidecar_path
 
-    outputs = [("the output", output, "--output")]
+    # (how messages name it, path, the option that chose it)
+    outputs = [(f"the output {output}", output, "--output")]
     if os.path.splitext(output)[1].lower() == ".npy":
-        outputs.append((f"the ids/metadata sidecar of {output}", npy_sidecar_path(output), "--output"))
+        sidecar = npy_sidecar_path(output)
+        outputs.append((f"the ids/metadata sidecar {sidecar} of {output}", sidecar, "--output"))
     if umap_png:
-        outputs.append(("the UMAP plot", umap_png, "--umap"))
+        outputs.append((f"the UMAP plot {umap_png}", umap_png, "--umap"))
     seen = {}
     for what, path, option in outputs:  # two outputs on one file: the later would silently replace the earlier
         earlier = seen.setdefault(os.path.realpath(path), what)
         if earlier != what:
-            raise EmbedError(f"{earlier} and {what} are the same file {path}: choose another {option} name")
+            raise EmbedError(f"{earlier} and {what} are the same file: choose another {option} name")
     csv_path = getattr(dataset, "csv_path", None)  # a .csv input or a CSV:path=... string
     images = None
     for what, path, option in outputs:
@@ -123,13 +125,13 @@ def refuse_overwriting_inputs(dataset, output: str, umap_png: Optional[str] = No
             continue
         if csv_path and _same_file(path, csv_path):
             stem = os.path.splitext(os.path.basename(output))[0]
-            raise EmbedError(f"{what} {path} would replace the input CSV {csv_path}: choose another {option} name"
+            raise EmbedError(f"{what} would replace the input CSV {csv_path}: choose another {option} name"
                              + (f" (e.g. {stem}_embeddings.npy)" if option == "--output" else ""))
         if images is None:  # paths as the dataset resolved them (no stat per image: there may be millions)
             n = getattr(dataset, "num_images", len(dataset)) if hasattr(dataset, "image_path") else 0
             images = {os.path.abspath(dataset.image_path(i)) for i in range(n)}
         if os.path.abspath(path) in images or os.path.realpath(path) in images:
-            raise EmbedError(f"{what} {path} would replace the input image {path}: choose another {option} name")
+            raise EmbedError(f"{what} would replace the input image {path}: choose another {option} name")
 
 
 def embed_dataset(model, dataset, output: str, *, umap_png: Optional[str] = None, color: Optional[str] = None,
