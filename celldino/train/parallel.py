@@ -150,7 +150,7 @@ def make_plan(cfg, device, distributed):
     plan.compile_mode = str(cfg.train.get("compile_mode", "default"))
     if plan.compile_mode not in COMPILE_MODES:
         raise ValueError(f"train.compile_mode: expected one of {', '.join(COMPILE_MODES)}, got {plan.compile_mode!r}")
-    plan.fsdp_blocks_per_unit = int(cfg.train.get("fsdp_blocks_per_unit", 1) or 1)
+    plan.fsdp_blocks_per_unit = int(cfg.train.get("fsdp_blocks_per_unit", 1))
     if plan.fsdp_blocks_per_unit < 1:
         raise ValueError(f"train.fsdp_blocks_per_unit: expected >= 1, got {plan.fsdp_blocks_per_unit}")
     plan.activation_checkpointing = str(cfg.train.get("activation_checkpointing", "none")).lower()
@@ -186,6 +186,14 @@ def make_plan(cfg, device, distributed):
     plan.input_dtype = compute
     if not fsdp and compute != torch.float32:
         plan.autocast_dtype = compute
+        # one autocast dtype serves every module: per-module param dtypes need FSDP (several processes, or
+        # train.fsdp=true), as the reference wraps each module
+        others = {f"{role}.{name}": p.param_dtype for role in ("student", "teacher")
+                  for name, p in getattr(plan, role).items() if p.param_dtype != compute}
+        if others:
+            raise ValueError(f"compute_precision.*.mixed_precision.param_dtype: one unsharded process computes every "
+                             f"module in {compute} (student.backbone's), but {sorted(others)} ask for another dtype; "
+                             "make them agree, or run sharded (train.fsdp=true)")
     return plan
 
 

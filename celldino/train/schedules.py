@@ -32,19 +32,34 @@ class CosineScheduler:
         return self.total_iters
 
 
+EPOCH_KEYS = ("optim.epochs", "optim.warmup_epochs", "teacher.warmup_teacher_temp_epochs",
+              "optim.freeze_last_layer_epochs")
+
+
+def iterations(cfg, epochs_key):
+    """`epochs_key` x train.OFFICIAL_EPOCH_LENGTH as a whole number of iterations. Epochs may be fractional (2.5
+    epochs of 10 iterations = 25), but a product that is not whole is an error naming both keys: the run length
+    and every schedule must agree (a truncated run length once cut the run short of its schedules' end)."""
+    section, key = epochs_key.split(".")
+    value = float(cfg[section][key]) * float(cfg.train.OFFICIAL_EPOCH_LENGTH)
+    if value < 0 or abs(value - round(value)) > 1e-6:
+        raise ValueError(f"{epochs_key}={cfg[section][key]} x train.OFFICIAL_EPOCH_LENGTH="
+                         f"{cfg.train.OFFICIAL_EPOCH_LENGTH} is {value:g} iterations: expected a whole number >= 0")
+    return int(round(value))
+
+
 def build_schedulers(cfg):
     """(lr, wd, momentum, teacher_temp, last_layer_lr) schedules from a merged config, as the reference."""
-    epoch_length = cfg.train.OFFICIAL_EPOCH_LENGTH
-    total = cfg.optim.epochs * epoch_length
+    total = iterations(cfg, "optim.epochs")
     lr = dict(base_value=cfg.optim.lr, final_value=cfg.optim.min_lr, total_iters=total,
-              warmup_iters=cfg.optim.warmup_epochs * epoch_length, start_warmup_value=0)
+              warmup_iters=iterations(cfg, "optim.warmup_epochs"), start_warmup_value=0)
     lr_schedule = CosineScheduler(**lr)
     wd_schedule = CosineScheduler(cfg.optim.weight_decay, cfg.optim.weight_decay_end, total)
     momentum_schedule = CosineScheduler(cfg.teacher.momentum_teacher, cfg.teacher.final_momentum_teacher, total)
-    temp_iters = cfg.teacher.warmup_teacher_temp_epochs * epoch_length
+    temp_iters = iterations(cfg, "teacher.warmup_teacher_temp_epochs")
     teacher_temp_schedule = CosineScheduler(cfg.teacher.teacher_temp, cfg.teacher.teacher_temp, temp_iters,
                                             warmup_iters=temp_iters,
                                             start_warmup_value=cfg.teacher.warmup_teacher_temp)
     last_layer_lr_schedule = CosineScheduler(**lr)
-    last_layer_lr_schedule.schedule[: cfg.optim.freeze_last_layer_epochs * epoch_length] = 0
+    last_layer_lr_schedule.schedule[: iterations(cfg, "optim.freeze_last_layer_epochs")] = 0
     return lr_schedule, wd_schedule, momentum_schedule, teacher_temp_schedule, last_layer_lr_schedule

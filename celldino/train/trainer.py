@@ -38,7 +38,7 @@ from .data import augment_on_device, augmentation_mode, build_train_loader, deri
 from .metrics import MetricsWriter, Progress, SmoothedValue, peak_memory_mb, ssl_step_flops
 from .optim import apply_optim_scheduler, build_optimizer
 from .parallel import fsdp_setting, make_plan, parallelize
-from .schedules import build_schedulers
+from .schedules import EPOCH_KEYS, build_schedulers, iterations
 from .ssl_meta_arch import SSLMetaArch
 
 logger = logging.getLogger("celldino")
@@ -119,15 +119,28 @@ def _optional_int(cfg, key, minimum=1):
 def _check_config(cfg):
     if cfg.train.batch_size_per_gpu < 1:
         raise ValueError(f"train.batch_size_per_gpu must be >= 1, got {cfg.train.batch_size_per_gpu}")
-    if cfg.optim.epochs * cfg.train.OFFICIAL_EPOCH_LENGTH < 1:
+    if float(cfg.train.OFFICIAL_EPOCH_LENGTH) != int(cfg.train.OFFICIAL_EPOCH_LENGTH):
+        raise ValueError(f"train.OFFICIAL_EPOCH_LENGTH: expected a whole number of iterations, "
+                         f"got {cfg.train.OFFICIAL_EPOCH_LENGTH}")
+    for key in EPOCH_KEYS:  # whole numbers of iterations (fractional epochs allowed when the product is whole)
+        iterations(cfg, key)
+    if iterations(cfg, "optim.epochs") < 1:
         raise ValueError("optim.epochs x train.OFFICIAL_EPOCH_LENGTH must be >= 1 iteration")
     if cfg.train.centering not in ("centering", "sinkhorn_knopp"):
         raise ValueError(f"train.centering: expected centering or sinkhorn_knopp, got {cfg.train.centering!r}")
     for key in ("checkpoint_period", "stop_after_iters", "log_period"):
         _optional_int(cfg, key)
-    if cfg.crops.global_crops_size % cfg.student.patch_size:
-        raise ValueError(f"crops.global_crops_size {cfg.crops.global_crops_size} is not a multiple of "
-                         f"student.patch_size {cfg.student.patch_size}")
+    for key in ("global_crops_size", "local_crops_size"):
+        if cfg.crops[key] % cfg.student.patch_size:
+            raise ValueError(f"crops.{key} {cfg.crops[key]} is not a multiple of student.patch_size "
+                             f"{cfg.student.patch_size}")
+    if cfg.student.get("channel_adaptive") and int(cfg.student.in_chans) != 1:
+        raise ValueError(f"student.channel_adaptive=true needs student.in_chans=1 (one channel per image: bag of "
+                         f"channels), got {cfg.student.in_chans}")
+    keep = cfg.train.get("max_to_keep")
+    if keep is not None and int(keep) < 0:
+        raise ValueError(f"train.max_to_keep: expected a number of checkpoints >= 1 (0 or null: keep all), got {keep}")
+    _warn_unused_differences(cfg)
     if str(cfg.MODEL.get("WEIGHTS") or ""):
         # the reference reads it only in train.py --eval-only; ignoring it silently would train from scratch
         raise ValueError(f"MODEL.WEIGHTS={cfg.MODEL.WEIGHTS!r} is not used by celldino train (the reference reads it "
@@ -139,6 +152,21 @@ def _check_config(cfg):
         raise ValueError("train.batch_size_per_gpu=1 with dino.koleo_loss_weight > 0: KoLeo needs at least 2 "
                          "images per rank to find nearest neighbours; use train.batch_size_per_gpu >= 2 or "
                          "dino.koleo_loss_weight=0")
+
+
+def _warn_unused_differences(cfg):
+    """Keys the reference reads nowhere but a user may expect to matter: say so when they disagree with the keys
+    that do (the teacher is built from student.*; the iBOT head is the DINO head unless ibot.separate_head)."""
+    for key in ("in_chans", "channel_adaptive"):
+        if key in cfg.teacher and key in cfg.student and cfg.teacher[key] != cfg.student[key]:
+            logger.warning("teacher.%s=%s differs from student.%s=%s: unused, the teacher is built from student.* "
+                           "(as the reference)", key, cfg.teacher[key], key, cfg.student[key])
+    if not cfg.ibot.separate_head:
+        differing = [k for k in ("head_n_prototypes", "head_hidden_dim", "head_bottleneck_dim", "head_nlayers")
+                     if k in cfg.ibot and cfg.ibot[k] != cfg.dino[k]]
+        if differing:
+            logger.warning("ibot.%s differ from dino.* but are unused: iBOT shares the DINO head unless "
+                           "ibot.separate_head=true (as the reference)", ", ".join(differing))
 
 
 # ---- the trainer ---------------------------------------------------------------------------------------------------
@@ -198,11 +226,11 @@ class Trainer:
         (self.lr_schedule, self.wd_schedule, self.momentum_schedule, self.teacher_temp_schedule,
          self.last_layer_lr_schedule) = build_schedulers(cfg)
         epoch_length = int(cfg.train.OFFICIAL_EPOCH_LENGTH)
-        self.max_iter = int(cfg.optim.epochs) * epoch_length
+        self.max_iter = iterations(cfg, "optim.epochs")  # the length of every schedule too
         self.checkpoint_period = _optional_int(cfg, "checkpoint_period") or 3 * epoch_length
         self.log_period = _optional_int(cfg, "log_period") or 10
         self.stop_after = _optional_int(cfg, "stop_after_iters")
-        self.keep = int(cfg.train.get("max_to_keep", 3))
+        self.keep = int(cfg.train.get("max_to_keep") or 0)  # 0: keep all
         self.eval_period = int(cfg.evaluation.eval_period_iterations)
         self.state = TrainState(self.model, self.optimizer, self.scaler)
 

@@ -54,6 +54,11 @@ def test_precision_plan():
         make_plan(tiny_cfg("train.activation_checkpointing=some"), cpu, distributed=False)
     with pytest.raises(ValueError, match="needs a CUDA GPU"):
         make_plan(tiny_cfg("compute_precision.policy=reference"), cpu, distributed=False)
+    # one unsharded process has one autocast dtype: per-module param dtypes that differ need FSDP
+    with pytest.raises(ValueError, match=r"\['teacher.dino_head'\] ask for another dtype"):
+        make_plan(tiny_cfg("compute_precision.policy=reference",
+                           "compute_precision.teacher.dino_head.mixed_precision.param_dtype=fp32"), cuda,
+                  distributed=False)
     # FSDP2 keeps buffers in fp32: another reference buffer_dtype is refused rather than ignored
     with pytest.raises(ValueError, match="student.dino_head.mixed_precision.buffer_dtype: only fp32"):
         make_plan(tiny_cfg("compute_precision.policy=reference",

@@ -27,6 +27,26 @@ def test_cosine_scheduler_rejects_impossible_lengths():
         CosineScheduler(1.0, 0.0, total_iters=5, warmup_iters=6)
 
 
+def test_fractional_epochs_count_whole_iterations_and_the_run_ends_with_its_schedules(tmp_path):
+    """2.5 epochs of 4 iterations = 10 iterations for the run and every schedule (the run length was once truncated
+    to 8 while the schedules ran to 10, so training stopped mid-schedule); a product that is not whole is refused."""
+    from train_helpers import tiny_cfg
+    from celldino.train.trainer import Trainer
+    cfg = tiny_cfg("optim.epochs=2.5", "train.OFFICIAL_EPOCH_LENGTH=4", "optim.warmup_epochs=0.5",
+                   "evaluation.eval_period_iterations=0")
+    trainer = Trainer(cfg, tmp_path / "run")
+    try:
+        assert trainer.max_iter == 10 == len(trainer.lr_schedule) == len(trainer.momentum_schedule)
+        assert trainer.lr_schedule[1] == pytest.approx(trainer.cfg.optim.lr)  # warmup of 2 iterations ends there
+    finally:
+        trainer.close()
+    for key in ("optim.epochs=2.3", "optim.warmup_epochs=0.3", "teacher.warmup_teacher_temp_epochs=0.1",
+                "optim.freeze_last_layer_epochs=0.6"):
+        with pytest.raises(ValueError, match=f"{key.split('=')[0]}=.* x train.OFFICIAL_EPOCH_LENGTH=4 is .* "
+                                             "iterations: expected a whole number"):
+            Trainer(tiny_cfg("train.OFFICIAL_EPOCH_LENGTH=4", key), tmp_path / key)
+
+
 def test_hpaone_schedules_at_chosen_iterations():
     """Derived values of reference_spec §1.2 for 32 GPUs: lr 3.536e-4, warmups of 35,120 iterations."""
     cfg = apply_scaling_rules_to_cfg(load_config("cell_dino/vitl16_hpaone"), world_size=32)

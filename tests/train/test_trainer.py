@@ -2,15 +2,17 @@
 exports loadable by celldino.hub, exact resume (stop_after_iters), NaN stop, signals, config errors."""
 import argparse
 import json
+import logging
 import os
 import signal
 
 import pytest
 import torch
 
+from celldino.config import load_config
 from celldino.train import launch
 from celldino.train.ssl_meta_arch import SSLMetaArch
-from celldino.train.trainer import TrainingDivergedError, run_training
+from celldino.train.trainer import TrainingDivergedError, _check_config, run_training
 
 from train_helpers import tiny_cfg
 
@@ -199,6 +201,16 @@ def test_cli_errors_name_the_bad_key(tmp_path, capsys):
     assert _launch("--config-file", "demo", "--output-dir", str(tmp_path / "c"), "train.batch_size_per_gpu=1",
                    "train.device=cpu") == 2
     assert "KoLeo needs at least 2 images per rank" in capsys.readouterr().err
+    # settings the reference would misuse or ignore, refused naming the key
+    for setting, message in (("crops.local_crops_size=20", "crops.local_crops_size 20 is not a multiple of"),
+                             ("train.max_to_keep=-1", "train.max_to_keep"),
+                             ("train.fsdp_blocks_per_unit=0", "train.fsdp_blocks_per_unit: expected >= 1")):
+        assert _launch("--config-file", "demo", "--output-dir", str(tmp_path / "x"), setting,
+                       "train.device=cpu") == 2, setting
+        assert message in capsys.readouterr().err, setting
+    from train_helpers import tiny_cfg
+    with pytest.raises(ValueError, match="student.channel_adaptive=true needs student.in_chans=1"):
+        _check_config(tiny_cfg("student.channel_adaptive=true", "student.in_chans=4"))
     # MODEL.WEIGHTS is read by the reference only with --eval-only: refused, not silently ignored
     assert _launch("--config-file", "demo", "--output-dir", str(tmp_path / "w"), "MODEL.WEIGHTS=teacher.pth") == 2
     assert "MODEL.WEIGHTS='teacher.pth' is not used by celldino train" in capsys.readouterr().err
@@ -394,3 +406,16 @@ def test_kill_during_a_save_leaves_the_previous_checkpoint_usable(tmp_path):
     assert not partial.exists()  # the interrupted save was cleaned up
     logged = [json.loads(line)["iteration"] for line in open(out / "training_metrics.json")]
     assert logged == sorted(set(logged))  # lines logged after the last checkpoint were not written twice
+
+
+def test_unused_reference_keys_that_disagree_with_the_used_ones_are_named(caplog):
+    """teacher.in_chans / channel_adaptive and the shared iBOT head's sizes are read nowhere (as the reference): a
+    value that disagrees with the key actually used is logged, a consistent config is quiet."""
+    from train_helpers import tiny_cfg
+    with caplog.at_level(logging.WARNING, logger="celldino"):
+        _check_config(tiny_cfg())
+        _check_config(load_config("demo"))
+        assert "unused" not in caplog.text
+        _check_config(tiny_cfg("teacher.in_chans=7", "ibot.head_n_prototypes=99"))
+    assert "teacher.in_chans=7 differs from student.in_chans" in caplog.text
+    assert "ibot.head_n_prototypes differ from dino.* but are unused" in caplog.text
