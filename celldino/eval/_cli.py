@@ -36,7 +36,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, crop_default: int, b
                         "else off as every released model)")
     g.add_argument("--bag-of-channels", action="store_true",
                    help="channel-adaptive features: every channel encoded separately by a one-channel backbone, "
-                        "features concatenated over channels")
+                        "features concatenated over channels (on by itself for a channel-adaptive model, e.g. "
+                        "--config-file eval/cell_dino/vitl16_channel_adaptive_pretrain)")
     g.add_argument("--crop-size", type=int, default=crop_default,
                    help=f"center crop (pads when smaller); 0 keeps whole images (default {crop_default})")
     g.add_argument("--resize-size", "--resize", dest="resize_size", type=int, default=0,
