@@ -362,6 +362,13 @@ def test_csv_missing_rows_error_or_skip(tmp_path):
     assert len(ds) == 5 and ds.skipped.value == 1 and ds.missing_files == 1
     with pytest.raises(DatasetError, match="does not exist"):
         build_dataset(f"CSV:path={tmp_path}/nothing.csv")
+    # a guessed path column that holds ids (cells-smoke's stain_task.csv has `image` = img2d) says what it took
+    (tmp_path / "ids.csv").write_text("idx,image,label\n0,img2d,2\n")
+    with pytest.raises(DatasetError, match=r"row 2: file not found: .*img2d \(paths read from column 'image', "
+                                           r"the first of file, .* pass column=<name>"):
+        build_dataset(f"CSV:path={tmp_path}/ids.csv")
+    with pytest.raises(DatasetError, match=r"file not found: .*img2d$"):  # no hint for a column the user named
+        build_dataset(f"CSV:path={tmp_path}/ids.csv:column=image")
 
 
 def test_csv_file_problems_name_the_csv_and_its_line(tmp_path, caplog):

@@ -116,10 +116,14 @@ class CSVDataset(ImageDataset):
         self.csv_path = os.path.abspath(os.path.expanduser(str(path)))
         self.root = os.path.abspath(os.path.expanduser(str(root))) if root else os.path.dirname(self.csv_path)
         table = read_csv_rows(self.csv_path, self.name)
+        guessed = column is None
         column = self._path_column(table, column)
         self.label_columns = self._label_columns(table, label)
         rows = self._split_rows(table, split, split_column)
-        self._paths, rows = self._rows_with_files(rows, column, check_files)
+        # a guessed column may hold ids, not paths (a column named `image`): then say which one was taken
+        hint = (f" (paths read from column {column!r}, the first of {', '.join(PATH_COLUMNS)} in the header; pass "
+                "column=<name> if another column holds them)") if guessed else ""
+        self._paths, rows = self._rows_with_files(rows, column, check_files, hint)
         self.classes = None
         self._targets = self._row_targets(rows)
         if channel_names_column in table.header:
@@ -156,9 +160,9 @@ class CSVDataset(ImageDataset):
             raise DatasetError(f"CSV: split={split!r} but {self.csv_path} has no {split_column!r} column")
         return [(line, r) for line, r in table.rows if r[split_column] == split]
 
-    def _rows_with_files(self, rows: list, column: str, check_files: bool):
+    def _rows_with_files(self, rows: list, column: str, check_files: bool, hint: str = ""):
         """-> (image paths, their rows). A row whose file is missing (check_files) is an error or, with
-        on_error=skip, dropped (counted, logged)."""
+        on_error=skip, dropped (counted, logged); `hint` is added to that message."""
         paths, kept = [], []
         for line, r in rows:
             rel = (r.get(column) or "").strip()
@@ -166,7 +170,7 @@ class CSVDataset(ImageDataset):
                 raise DatasetError(f"CSV: {self.csv_path} row {line}: empty {column!r}")
             p = rel if os.path.isabs(rel) else os.path.join(self.root, rel)
             if check_files and not os.path.exists(p):
-                self._missing_file(f"{self.csv_path} row {line}", p)
+                self._missing_file(f"{self.csv_path} row {line}", p, hint)
                 continue
             paths.append(p)
             kept.append((line, r))
