@@ -494,7 +494,7 @@ LEAVE_ONE_OUT_METRIC = "leave-one-out macro F1 over labels 4, 5, 6"
 
 def evaluate_knn(model, train_dataset, val_dataset, *, test_dataset=None, nb_knn=(10, 20), temperature=0.07,
                  metric="mean_per_class_multiclass_f1", batch_size: int = 256, num_workers: int = 0,
-                 device=None, autocast_dtype=None, bag_of_channels: bool = False, avgpool: bool = False,
+                 device=None, autocast_dtype="auto", bag_of_channels: bool = False, avgpool: bool = False,
                  crop_size: int = 384, resize_size: int = 0, n_per_class_list=(-1,), n_tries: int = 1,
                  voting: str = "per_k", dataset_names: Optional[Dict[str, str]] = None,
                  cache_dir: Optional[str] = None, progress: bool = True, group=None,
@@ -508,6 +508,8 @@ def evaluate_knn(model, train_dataset, val_dataset, *, test_dataset=None, nb_knn
     metric=None: from the train labels (multilabel F1 for multi-hot labels, multiclass F1 otherwise).
     Few-shot: n_per_class_list entries > 0 evaluate on n_tries random class-balanced train subsets; the
     results are then "<dataset>_<k> Top 1" (mean over tries, key suffix "_n<n>") and "... std".
+    autocast_dtype: "auto" (fp16 on a GPU as the reference, none on CPU; as extract_features and evaluate_linear),
+    None (fp32), or a dtype.
     leave_one_out_dataset (CHAMMI enriched_meta.csv): the leave-one-out protocol on train + val instead, results
     "<val>_<k> Top 1" = macro F1 over labels 4, 5, 6 x 100 (as the reference; the test split is not scored).
     output_dir: created once the inputs are checked; the main rank appends the results to
