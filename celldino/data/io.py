@@ -351,7 +351,7 @@ def _strip_tiles(path, h: int, w: int, tiles: Optional[int]) -> int:
     """Tile count of an h x w horizontal strip: `tiles` when given, else w / h (square tiles). The one check of
     a strip: the pixel reader and the probe both call it, so they accept and refuse the same files."""
     if tiles is None:
-        if h < 1 or w % h:
+        if h < 1 or w < h or w % h:  # (w < h: no whole tile, e.g. an empty 4 x 0 strip)
             raise ImageReadError(
                 path, f"expected a horizontal strip of square tiles (width a multiple of height), got {h}x{w}"
             )

@@ -85,6 +85,18 @@ def _truthy(cfg, key, auto):
     raise ValueError(f"train.{key}: expected true, false or auto, got {value!r}")
 
 
+def whole_number(value, key, minimum=1):
+    """A config value that must be a whole number >= minimum, as an int; booleans, fractions and words are errors
+    naming the key (int() would turn true into 1 and 2.5 into 2)."""
+    try:
+        number = None if isinstance(value, bool) or value is None else float(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or number != int(number) or int(number) < minimum:
+        raise ValueError(f"{key}: expected a whole number >= {minimum}, got {value!r}")
+    return int(number)
+
+
 def fsdp_setting(cfg):
     """train.fsdp: True (FSDP2 even for one process, on a 1-rank group) / False (one process only, unsharded), or
     None for auto: FSDP2 when there are several processes, a lone process unsharded (on one H200 the 1-rank FSDP2
@@ -119,11 +131,11 @@ def fsdp_shard_size(cfg, world, local_world):
         where = f"the processes per node (LOCAL_WORLD_SIZE={local_world})"
     else:
         try:
-            size = int(value)
-        except (TypeError, ValueError):
+            size = whole_number(value, "train.fsdp_shard_size")
+        except ValueError:
             raise ValueError(f"train.fsdp_shard_size: expected auto or a number of ranks, got {value!r}") from None
         where = "train.fsdp_shard_size"
-    if size < 1 or world % size:
+    if world % size:
         raise ValueError(f"{where}: {size} ranks per shard group do not divide the {world} processes of this run")
     return size
 
@@ -150,9 +162,7 @@ def make_plan(cfg, device, distributed):
     plan.compile_mode = str(cfg.train.get("compile_mode", "default"))
     if plan.compile_mode not in COMPILE_MODES:
         raise ValueError(f"train.compile_mode: expected one of {', '.join(COMPILE_MODES)}, got {plan.compile_mode!r}")
-    plan.fsdp_blocks_per_unit = int(cfg.train.get("fsdp_blocks_per_unit", 1))
-    if plan.fsdp_blocks_per_unit < 1:
-        raise ValueError(f"train.fsdp_blocks_per_unit: expected >= 1, got {plan.fsdp_blocks_per_unit}")
+    plan.fsdp_blocks_per_unit = whole_number(cfg.train.get("fsdp_blocks_per_unit", 1), "train.fsdp_blocks_per_unit")
     plan.activation_checkpointing = str(cfg.train.get("activation_checkpointing", "none")).lower()
     if plan.activation_checkpointing not in ("none", "full", "selective"):
         raise ValueError(f"train.activation_checkpointing: expected none, full or selective, "
@@ -184,10 +194,11 @@ def make_plan(cfg, device, distributed):
         setattr(plan, role, plans)
     compute = plan.student["backbone"].param_dtype
     plan.input_dtype = compute
-    if not fsdp and compute != torch.float32:
-        plan.autocast_dtype = compute
-        # one autocast dtype serves every module: per-module param dtypes need FSDP (several processes, or
-        # train.fsdp=true), as the reference wraps each module
+    if not fsdp:
+        if compute != torch.float32:
+            plan.autocast_dtype = compute
+        # one autocast dtype (or none) serves every module: per-module param dtypes need FSDP (several processes,
+        # or train.fsdp=true), as the reference wraps each module
         others = {f"{role}.{name}": p.param_dtype for role in ("student", "teacher")
                   for name, p in getattr(plan, role).items() if p.param_dtype != compute}
         if others:

@@ -112,8 +112,10 @@ def main(args):
         return 2
     cluster = args.cluster or submitit.AutoExecutor.which()
     if cluster != "slurm" and args.nodes > 1:  # submitit's local executors run one node: say so before any change
-        print(f"celldino submit: --nodes {args.nodes} needs SLURM, but this machine has none (sbatch not found; "
-              f"cluster {cluster!r}); submit from a SLURM login node, or use torchrun here", file=sys.stderr)
+        why = (f"--cluster {args.cluster} runs on this machine only" if args.cluster else
+               "this machine has no SLURM (sbatch not found)")
+        print(f"celldino submit: --nodes {args.nodes} needs SLURM, but {why}; submit from a SLURM login node "
+              "(--cluster slurm), or use torchrun here", file=sys.stderr)
         return 2
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     if args.no_resume:  # start over once, now; every requeue of the job then resumes the new run

@@ -37,7 +37,7 @@ from .checkpointing import (TrainState, backbone_metadata, clean_partial_saves, 
 from .data import augment_on_device, augmentation_mode, build_train_loader, derive_seed, open_train_dataset
 from .metrics import MetricsWriter, Progress, SmoothedValue, peak_memory_mb, ssl_step_flops
 from .optim import apply_optim_scheduler, build_optimizer
-from .parallel import fsdp_setting, make_plan, parallelize
+from .parallel import fsdp_setting, make_plan, parallelize, whole_number
 from .schedules import EPOCH_KEYS, build_schedulers, iterations
 from .ssl_meta_arch import SSLMetaArch
 
@@ -107,13 +107,7 @@ def _optional_int(cfg, key, minimum=1):
     value = cfg.train.get(key)
     if value is None or str(value).lower() in ("null", "none", ""):
         return None
-    try:
-        value = int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"train.{key}: expected an integer or null, got {value!r}") from None
-    if value < minimum:
-        raise ValueError(f"train.{key}: must be >= {minimum}, got {value}")
-    return value
+    return whole_number(value, f"train.{key}", minimum)
 
 
 def _check_config(cfg):
@@ -137,9 +131,7 @@ def _check_config(cfg):
     if cfg.student.get("channel_adaptive") and int(cfg.student.in_chans) != 1:
         raise ValueError(f"student.channel_adaptive=true needs student.in_chans=1 (one channel per image: bag of "
                          f"channels), got {cfg.student.in_chans}")
-    keep = cfg.train.get("max_to_keep")
-    if keep is not None and int(keep) < 0:
-        raise ValueError(f"train.max_to_keep: expected a number of checkpoints >= 1 (0 or null: keep all), got {keep}")
+    _optional_int(cfg, "max_to_keep", minimum=0)  # 0 or null: keep all
     _warn_unused_differences(cfg)
     if str(cfg.MODEL.get("WEIGHTS") or ""):
         # the reference reads it only in train.py --eval-only; ignoring it silently would train from scratch
@@ -230,7 +222,7 @@ class Trainer:
         self.checkpoint_period = _optional_int(cfg, "checkpoint_period") or 3 * epoch_length
         self.log_period = _optional_int(cfg, "log_period") or 10
         self.stop_after = _optional_int(cfg, "stop_after_iters")
-        self.keep = int(cfg.train.get("max_to_keep") or 0)  # 0: keep all
+        self.keep = _optional_int(cfg, "max_to_keep", minimum=0) or 0  # 0: keep all
         self.eval_period = int(cfg.evaluation.eval_period_iterations)
         self.state = TrainState(self.model, self.optimizer, self.scaler)
 

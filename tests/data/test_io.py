@@ -495,3 +495,7 @@ def test_strip_errors_name_the_file_and_the_problem(tmp_path):
                 fn(tmp_path / "s.npy", layout="strip", tiles=tiles)
     with pytest.raises(ValueError, match="layout='rows'"):
         probe_image(tmp_path / "s.npy", layout="rows")  # the probe checks the layout as read_image does
+    np.save(tmp_path / "empty.npy", np.zeros((4, 0), np.uint16))  # no whole tile: an ImageReadError, not a crash
+    for fn in (read_image, probe_image):
+        with pytest.raises(ImageReadError, match="empty.npy: .*square tiles .* got 4x0"):
+            fn(tmp_path / "empty.npy", layout="strip")

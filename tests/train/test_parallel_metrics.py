@@ -59,6 +59,17 @@ def test_precision_plan():
         make_plan(tiny_cfg("compute_precision.policy=reference",
                            "compute_precision.teacher.dino_head.mixed_precision.param_dtype=fp32"), cuda,
                   distributed=False)
+    with pytest.raises(ValueError, match=r"\['student.ibot_head'\] ask for another dtype"):  # fp32 backbone too
+        make_plan(tiny_cfg("compute_precision.policy=reference",
+                           "compute_precision.student.backbone.mixed_precision.param_dtype=fp32",
+                           "compute_precision.student.dino_head.mixed_precision.param_dtype=fp32",
+                           "compute_precision.teacher.backbone.mixed_precision.param_dtype=fp32",
+                           "compute_precision.teacher.dino_head.mixed_precision.param_dtype=fp32",
+                           "compute_precision.teacher.ibot_head.mixed_precision.param_dtype=fp32"), cuda,
+                  distributed=False)
+    for value in ("null", "0", "1.5"):  # a number of blocks, naming the key (null was a TypeError traceback)
+        with pytest.raises(ValueError, match="train.fsdp_blocks_per_unit: expected a whole number >= 1"):
+            make_plan(tiny_cfg(f"train.fsdp_blocks_per_unit={value}"), cpu, distributed=False)
     # FSDP2 keeps buffers in fp32: another reference buffer_dtype is refused rather than ignored
     with pytest.raises(ValueError, match="student.dino_head.mixed_precision.buffer_dtype: only fp32"):
         make_plan(tiny_cfg("compute_precision.policy=reference",
@@ -162,8 +173,9 @@ def test_fsdp_shard_size_follows_the_reference_strategies():
         fsdp_shard_size(tiny_cfg("train.fsdp_shard_size=3"), 16, 8)
     with pytest.raises(ValueError, match="LOCAL_WORLD_SIZE=6"):
         fsdp_shard_size(tiny_cfg(*every("HYBRID_SHARD")), 16, 6)
-    with pytest.raises(ValueError, match="train.fsdp_shard_size: expected auto or a number"):
-        fsdp_shard_size(tiny_cfg("train.fsdp_shard_size=node"), 16, 8)
+    for word in ("node", "true", "2.5", "0"):  # int() would have made true 1 (replicate everywhere) and 2.5 2
+        with pytest.raises(ValueError, match="train.fsdp_shard_size: expected auto or a number"):
+            fsdp_shard_size(tiny_cfg(f"train.fsdp_shard_size={word}"), 16, 8)
     mixed = every("SHARD_GRAD_OP")[:-1] + ["compute_precision.teacher.ibot_head.sharding_strategy=NO_SHARD"]
     with pytest.raises(ValueError, match="make them agree or set train.fsdp_shard_size"):
         fsdp_shard_size(tiny_cfg(*mixed), 16, 8)

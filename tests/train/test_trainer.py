@@ -204,7 +204,9 @@ def test_cli_errors_name_the_bad_key(tmp_path, capsys):
     # settings the reference would misuse or ignore, refused naming the key
     for setting, message in (("crops.local_crops_size=20", "crops.local_crops_size 20 is not a multiple of"),
                              ("train.max_to_keep=-1", "train.max_to_keep"),
-                             ("train.fsdp_blocks_per_unit=0", "train.fsdp_blocks_per_unit: expected >= 1")):
+                             ("train.max_to_keep=2.5", "train.max_to_keep: expected a whole number >= 0"),
+                             ("train.log_period=1.5", "train.log_period: expected a whole number >= 1"),
+                             ("train.fsdp_blocks_per_unit=0", "train.fsdp_blocks_per_unit: expected a whole number")):
         assert _launch("--config-file", "demo", "--output-dir", str(tmp_path / "x"), setting,
                        "train.device=cpu") == 2, setting
         assert message in capsys.readouterr().err, setting
@@ -358,7 +360,7 @@ def test_submit_runs_the_trainer_through_submitit(tmp_path, monkeypatch, capsys)
     multi = parser.parse_args(["--nodes", "4", "--gpus-per-node", "8", "--output-dir", str(tmp_path / "multi"),
                                "--no-resume"])
     assert submit.main(multi) == 2
-    assert "--nodes 4 needs SLURM, but this machine has none" in capsys.readouterr().err
+    assert "--nodes 4 needs SLURM, but this machine has no SLURM" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "multi").iterdir()) == ["checkpoints"]
 
 
