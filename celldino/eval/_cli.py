@@ -23,7 +23,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, crop_default: int, b
     g.add_argument("--config-file", default=None, metavar="NAME_OR_PATH",
                    help="eval config (recipe name, e.g. eval/cell_dino/vitl16_pretrain, or a yaml path), as the "
                         "reference's --config-file: its student.* settings the weights cannot tell (channel_adaptive, "
-                        "interpolate_offset / _antialias, num_heads) are used, what the weights tell (in_chans, "
+                        "interpolate_offset / _antialias, num_heads where the file records none) are used, what the weights tell (in_chans, "
                         "patch_size, arch, num_register_tokens) must agree with it, and its teacher backbone "
                         "param_dtype is the GPU autocast dtype. Explicit flags win over the config")
     g.add_argument("--config-overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
@@ -62,15 +62,25 @@ def load_model(args):
     from celldino.hub import load_backbone
     from celldino.models.checkpoint import CheckpointError
 
-    from .eval_config import ConfigMismatchError, check_backbone_matches_config
+    from .eval_config import ConfigMismatchError, check_backbone_matches_config, check_num_heads_matches_record
 
     try:
         cfg = eval_config(args)
     except ValueError as exc:
         print(f"celldino: {exc}", file=sys.stderr)
         return None
+    kwargs = backbone_kwargs(args, cfg)
     try:
-        model = load_backbone(args.checkpoint, arch=args.arch, **backbone_kwargs(args, cfg))
+        if cfg is not None and args.num_heads is None and "num_heads" in kwargs:
+            # the config's num_heads only where the file records none: the weights' shapes cannot tell it, so a
+            # different value would load and compute other features
+            check_num_heads_matches_record(recorded_num_heads(args.checkpoint), cfg,
+                                           source=f"--checkpoint {args.checkpoint}",
+                                           config_name=f"--config-file {args.config_file}")
+        model = load_backbone(args.checkpoint, arch=args.arch, **kwargs)
+    except ConfigMismatchError as exc:
+        print(f"celldino: {exc}", file=sys.stderr)
+        return None
     except (CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"celldino: cannot load --checkpoint {args.checkpoint}: {exc}", file=sys.stderr)
         return None
@@ -84,6 +94,25 @@ def load_model(args):
             return None
     apply_model_to_feature_args(args, model, cfg)
     return model
+
+
+def recorded_num_heads(path):
+    """The head count the checkpoint file records (celldino .safetensors metadata, a training directory's
+    meta.json, else the export `celldino train` writes beside a teacher_checkpoint.pth), None when it records none.
+    Not the count inferred from a standard width: a config may set another for such a model (as training does).
+    Reads the weights once more: called only when a config sets student.num_heads (celldino's small demo configs;
+    the reference's recipes leave it unset)."""
+    from celldino.hub import TEACHER_EXPORT_SIBLINGS
+    from celldino.models.checkpoint import load_backbone_state_dict
+
+    path = os.fspath(path)
+    sibling = TEACHER_EXPORT_SIBLINGS.get(os.path.basename(path))
+    sibling = os.path.join(os.path.dirname(path), sibling) if sibling else None
+    for candidate in [path] + ([sibling] if sibling and os.path.isfile(sibling) else []):  # the file's own first
+        heads = load_backbone_state_dict(candidate)[1].get("num_heads")
+        if heads is not None:
+            return int(heads)
+    return None
 
 
 def eval_config(args):

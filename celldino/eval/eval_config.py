@@ -3,7 +3,9 @@
 The reference builds the eval model from the config's `student.*` and loads the teacher weights into it; celldino
 builds it from the weights (`celldino.hub.load_backbone`). So the config is used in three ways:
 - the settings the weights cannot tell (channel_adaptive, interpolate_offset, interpolate_antialias; num_heads of a
-  non-standard width) become `load_backbone` kwargs: `backbone_kwargs_from_config`;
+  non-standard width) become `load_backbone` kwargs: `backbone_kwargs_from_config`; a num_heads the file records
+  (celldino exports, training meta.json) wins, and a config that disagrees with it is refused:
+  `check_num_heads_matches_record`;
 - what the weights do tell (in_chans, patch_size, arch / embed_dim / depth, num_register_tokens) is checked against
   the config: `check_backbone_matches_config`, an error naming the key and both values;
 - the eval autocast dtype is compute_precision.teacher.backbone.mixed_precision.param_dtype (§1.4):
@@ -32,6 +34,7 @@ def load_eval_config(config_file, overrides=()):
         # the model reshapes [B, C, H, W] to C one-channel images: a wider patch embedding cannot take them
         raise ConfigMismatchError(f"student.channel_adaptive is true but student.in_chans is {cfg.student.in_chans}; "
                                   "a channel-adaptive backbone encodes one channel at a time (in_chans 1)")
+    autocast_dtype_from_config(cfg)  # a bad dtype is a config error now, not a traceback later (and also on CPU)
     return cfg
 
 
@@ -95,6 +98,17 @@ def check_backbone_matches_config(model, cfg, source="the weights", config_name=
     if problems:
         raise ConfigMismatchError("the weights do not match the config: " + "; ".join(problems) +
                                   " (pass the config the model was trained with)")
+
+
+def check_num_heads_matches_record(recorded, cfg, source="the weights", config_name="the config"):
+    """Raise ConfigMismatchError when the config's student.num_heads differs from the head count the checkpoint
+    records. Why: the weight shapes do not depend on num_heads, so the other value would load without complaint and
+    compute different features."""
+    configured = cfg.student.get("num_heads")
+    if configured is not None and recorded is not None and int(configured) != int(recorded):
+        raise ConfigMismatchError(f"the weights do not match the config: student.num_heads is {configured} in "
+                                  f"{config_name} but {recorded} in {source} (pass the config the model was trained "
+                                  "with)")
 
 
 def autocast_dtype_from_config(cfg) -> str:

@@ -221,3 +221,64 @@ def test_the_flags_exist_on_all_three_commands():
                                           "b=2", "--interpolate-offset", "0", "--interpolate-antialias"])
         assert (parsed.config_file, parsed.config_overrides, parsed.interpolate_offset,
                 parsed.interpolate_antialias, parsed.dtype) == ("f", ["a=1", "b=2"], 0.0, True, None)
+
+
+@pytest.fixture(scope="module")
+def recorded_heads(tmp_path_factory):
+    """The demo's 192-wide, 3-head backbone as a celldino export: its .safetensors records num_heads 3, the .pth
+    beside it records nothing."""
+    from celldino.models.vision_transformer import DinoVisionTransformer
+
+    torch.manual_seed(3)
+    model = DinoVisionTransformer(patch_size=8, in_chans=1, embed_dim=192, depth=6, num_heads=3)
+    return export_backbone(model, str(tmp_path_factory.mktemp("heads")), "demo3")
+
+
+def test_the_config_num_heads_never_replaces_the_recorded_one(recorded_heads, capsys):
+    """The weights' shapes do not depend on num_heads: a config value other than the file's record would load and
+    compute other features. It is an error naming the key and both values; the config's value is used only for a
+    file that records none (the .pth)."""
+    st, pth = recorded_heads["safetensors"], recorded_heads["pth"]
+    assert load_model(_parse("--checkpoint", st, "--config-file", "demo")).num_heads == 3  # agrees
+    assert load_model(_parse("--checkpoint", st, "--config-file", "demo", "--config-overrides",
+                             "student.num_heads=6")) is None
+    err = capsys.readouterr().err
+    assert f"student.num_heads is 6 in --config-file demo but 3 in --checkpoint {st}" in err
+    # a file without a record: the config tells it (and an explicit flag still wins)
+    assert load_model(_parse("--checkpoint", pth, "--config-file", "demo", "--config-overrides",
+                             "student.num_heads=6")).num_heads == 6
+    assert load_model(_parse("--checkpoint", st, "--config-file", "demo", "--num-heads", "6")).num_heads == 6
+
+
+@pytest.mark.parametrize("command", [["embed", "--input", "x", "--output", "x.npy"],
+                                     ["eval", "knn", "--train-dataset", "a", "--val-dataset", "b", "--output-dir", "o"],
+                                     ["eval", "linear", "--train-dataset", "a", "--val-dataset", "b",
+                                      "--output-dir", "o"]])
+def test_a_bad_param_dtype_is_a_config_error_on_every_command(tmp_path, tiny_pth, capsys, command):
+    """An unknown teacher backbone param_dtype is reported like the other config errors (one line, exit code 1),
+    also on CPU where the dtype would not be used: the config is wrong either way."""
+    pth, _ = tiny_pth
+    cfg = _config(tmp_path)
+    bad = "compute_precision.teacher.backbone.mixed_precision.param_dtype=int8"
+    assert celldino(command + ["--checkpoint", pth, "--config-file", cfg, "--device", "cpu",
+                               "--config-overrides", bad]) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (
+        f"celldino: --config-file {cfg}: compute_precision.teacher.backbone.mixed_precision.param_dtype is 'int8'; "
+        "expected fp16, bf16 or fp32")
+    assert "Traceback" not in err
+
+
+def test_the_recorded_num_heads_is_read_from_the_export_or_the_one_beside(tmp_path, recorded_heads):
+    """recorded_num_heads: a .safetensors export's metadata, nothing for a plain .pth, and for a training
+    teacher_checkpoint.pth the teacher_backbone.safetensors written beside it (as load_backbone reads it)."""
+    import shutil
+
+    from celldino.eval._cli import recorded_num_heads
+
+    assert recorded_num_heads(recorded_heads["safetensors"]) == 3
+    assert recorded_num_heads(recorded_heads["pth"]) is None
+    shutil.copy(recorded_heads["pth"], tmp_path / "teacher_checkpoint.pth")
+    assert recorded_num_heads(tmp_path / "teacher_checkpoint.pth") is None
+    shutil.copy(recorded_heads["safetensors"], tmp_path / "teacher_backbone.safetensors")
+    assert recorded_num_heads(tmp_path / "teacher_checkpoint.pth") == 3
