@@ -74,12 +74,13 @@ def label_column_names(dataset, metadata_columns) -> Tuple[str, str]:
 def color_column(color: Optional[str], columns, label_column: str = "label",
                  name_column: str = "label_name") -> Optional[str]:
     """The obs column colouring the UMAP plot, one rule for the API and the CLI: `color` when it is a column;
-    None -> the label names, else the labels, else no colour; "label_name" for labels without names (integer
+    None -> the label names, else the labels (the generated ones, then a CSV's own `label_name` / `label`: the
+    generated pair is renamed celldino_* beside such a column), else no colour; "label_name" for labels without names (integer
     labels, as in the bundled sample) -> the labels, with a warning (why: the documented
     `color="label_name"` should not fail on such inputs). Anything else missing: EmbedError listing the
     columns."""
     if color is None:
-        return next((c for c in (name_column, label_column) if c in columns), None)
+        return next((c for c in (name_column, label_column, "label_name", "label") if c in columns), None)
     if color in columns:
         return color
     if color == "label_name":  # the generated names (renamed on a clash with a CSV column), else the labels
@@ -127,10 +128,11 @@ def refuse_overwriting_inputs(dataset, output: str, umap_png: Optional[str] = No
             stem = os.path.splitext(os.path.basename(output))[0]
             raise EmbedError(f"{what} would replace the input CSV {csv_path}: choose another {option} name"
                              + (f" (e.g. {stem}_embeddings.npy)" if option == "--output" else ""))
-        if images is None:  # paths as the dataset resolved them (no stat per image: there may be millions)
+        if images is None:  # built once, only when an output file exists (there may be millions of images)
             n = getattr(dataset, "num_images", len(dataset)) if hasattr(dataset, "image_path") else 0
-            images = {os.path.abspath(dataset.image_path(i)) for i in range(n)}
-        if os.path.abspath(path) in images or os.path.realpath(path) in images:
+            # real paths on both sides: a dataset listing files through a symlinked folder names them otherwise
+            images = {os.path.realpath(dataset.image_path(i)) for i in range(n)}
+        if os.path.realpath(path) in images:
             raise EmbedError(f"{what} would replace the input image {path}: choose another {option} name")
 
 

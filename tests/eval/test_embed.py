@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from celldino.cli import main as celldino
-from celldino.eval.embed import EmbedError, embed_dataset
+from celldino.eval.embed import EmbedError, color_column, embed_dataset
 from celldino.eval.features import dataset_ids
 from celldino.eval.inputs import build_input_dataset, make_eval_transform
 from celldino.hub import export_backbone
@@ -83,6 +83,13 @@ def test_no_output_replaces_an_input_image(tmp_path, model_and_checkpoint):
         embed_dataset(model, _dataset(image), str(tmp_path / "x.npy"), umap_png=str(tmp_path / "x.csv"),
                       progress=False)
 
+    # the dataset lists the image through a symlinked folder, the plot names it by its real path: the same file
+    os.symlink(tmp_path, tmp_path.parent / f"{tmp_path.name}_link")
+    linked = str(tmp_path.parent / f"{tmp_path.name}_link" / os.path.basename(image))
+    with pytest.raises(EmbedError, match=re.escape(f"the UMAP plot {image} would replace the input image")):
+        embed_dataset(model, _dataset(linked), str(tmp_path / "y.h5ad"), umap_png=image, progress=False)
+    assert open(image, "rb").read() == before
+
 
 # ---- label columns --------------------------------------------------------------------------------------------------
 
@@ -123,6 +130,19 @@ def test_label_name_colours_by_label_for_integer_labels_in_api_and_cli(tmp_path,
                       str(tmp_path / "y.png"), "--color", "label_name") == 0
     with pytest.raises(EmbedError, match="'stain' is not in the metadata"):
         embed_dataset(model, _dataset(csv), str(tmp_path / "x.npy"), color="stain", progress=False)
+
+
+def test_the_default_colour_falls_back_to_the_users_label_name(tmp_path, model_and_checkpoint):
+    """A CSV with its own label_name column and no label column: the generated columns (if any) are prefixed, and
+    the default colour is still the user's label_name, as --help and docs/eval.md say (it was None)."""
+    model, _ = model_and_checkpoint
+    csv = _csv(tmp_path, label_name=["a", "b", "c"] * 2)
+    out = embed_dataset(model, _dataset(csv), str(tmp_path / "x.npy"), umap_png=str(tmp_path / "x.png"),
+                        progress=False)
+    assert out["color"] == "label_name" and os.path.getsize(tmp_path / "x.png") > 1000
+    assert color_column(None, ["label"], "celldino_label", "celldino_label_name") == "label"
+    assert color_column(None, ["label_name", "celldino_label"], "celldino_label", "celldino_label_name") == \
+        "celldino_label"  # the generated labels first
 
 
 def test_a_csv_column_named_id_is_kept(tmp_path, model_and_checkpoint):
