@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
@@ -156,7 +157,7 @@ def prepare_eval_datasets(splits: Dict[str, Any], *, crop_size: int = 384, resiz
     """The set-up shared by eval knn and eval linear (API and CLI), so they cannot drift apart. `splits`: {key:
     dataset object, or string built with the center-crop eval transform}, "train" first; None entries are left
     out. Each split is named by `names[key]`, else its string, else the dataset's `name`, else its key (one rule
-    for every split). The splits get train's label space, a one-class train split is refused before any feature
+    for every split); evaluated splits (not train) that would share a name get `_<key>` appended. The splits get train's label space, a one-class train split is refused before any feature
     is extracted, and on the main rank one warning says when string-built train images are smaller than the
     crop (`model` gives the patch size the suggested crop is rounded to)."""
     names = dict(names or {})
@@ -169,6 +170,12 @@ def prepare_eval_datasets(splits: Dict[str, Any], *, crop_size: int = 384, resiz
             ds = make_eval_dataset(ds, crop_size=crop_size, resize_size=resize_size)
         names.setdefault(key, getattr(ds, "name", key))
         built[key] = ds
+    # the scored splits' names are result keys ("<name>_10 Top 1", "<name>_accuracy"): two of one name (val and
+    # test Folder objects, both "Folder") would overwrite each other, so each such split gets its key appended
+    scored = Counter(names[key] for key in built if key != "train")
+    for key in built:
+        if key != "train" and scored[names[key]] > 1:
+            names[key] = f"{names[key]}_{key}"
     train = built["train"]
     prepared = EvalDatasets(built, names, None)
     others = [key for key in built if key != "train"]

@@ -104,3 +104,24 @@ def test_the_label_space_warning_names_the_split_by_its_display_name(tmp_path, c
     first, second = [r.getMessage() for r in caplog.records if "lacks" in r.getMessage()]
     assert first.startswith(f"the val split {val} has classes the train split lacks (c)")
     assert second.startswith("the val split V has classes the train split lacks (c)")
+
+
+def test_splits_that_would_share_a_name_get_their_key(tmp_path):
+    """val and test Folder objects are both named "Folder": kNN's "Folder_1 Top 1" of val was overwritten by
+    test's, and linear's test_sets dict kept one of two test Folders. Each such split now gets its key."""
+    from celldino.eval.inputs import make_eval_dataset
+    from celldino.eval.knn import evaluate_knn
+    from celldino.eval.linear import evaluate_linear
+
+    folders = {key: make_eval_dataset(_folder_with_classes(tmp_path / key, "ab"), crop_size=16)
+               for key in ("train", "val", "test", "test2")}
+    assert prepare_eval_datasets({"train": folders["train"], "val": folders["val"], "test": folders["test"]}).names \
+        == {"train": "Folder", "val": "Folder_val", "test": "Folder_test"}  # train is not scored: kept
+    model = tiny_vit(in_chans=1)
+    knn = evaluate_knn(model, folders["train"], folders["val"], test_dataset=folders["test"], nb_knn=(1,),
+                       progress=False)
+    assert set(knn["results"]) == {"Folder_val_1 Top 1", "Folder_test_1 Top 1"}
+    linear = evaluate_linear(model, folders["train"], folders["val"], test_datasets=[folders["test"], folders["test2"]],
+                             mode="features", learning_rates=(0.01,), weight_decays=(0.0,), epochs=1,
+                             epoch_length=2, n_last_blocks=1, batch_size=4, progress=False)
+    assert {"Folder_val_accuracy", "Folder_test0_accuracy", "Folder_test1_accuracy"} <= set(linear)
