@@ -50,6 +50,7 @@ class ParallelPlan:
     activation_checkpointing: str = "none"
     fsdp_blocks_per_unit: int = 1                # blocks sharded together (fewer units: less per-module host work)
     fsdp_shard_size: int = None                  # ranks per shard group (HSDP when below the world size; None: all)
+    fsdp_prefetch: int = 0                       # units whose all-gathers a unit issues ahead (0: FSDP2's implicit)
     autocast_dtype: torch.dtype = None          # plain (unsharded) runs in bf16/fp16: autocast instead of FSDP MP
     grad_scaler: bool = False
     student: dict = field(default_factory=dict)  # submodule name -> PrecisionPlan
@@ -163,6 +164,7 @@ def make_plan(cfg, device, distributed):
     if plan.compile_mode not in COMPILE_MODES:
         raise ValueError(f"train.compile_mode: expected one of {', '.join(COMPILE_MODES)}, got {plan.compile_mode!r}")
     plan.fsdp_blocks_per_unit = whole_number(cfg.train.get("fsdp_blocks_per_unit", 1), "train.fsdp_blocks_per_unit")
+    plan.fsdp_prefetch = whole_number(cfg.train.get("fsdp_prefetch", 0), "train.fsdp_prefetch", minimum=0)
     plan.activation_checkpointing = str(cfg.train.get("activation_checkpointing", "none")).lower()
     if plan.activation_checkpointing not in ("none", "full", "selective"):
         raise ValueError(f"train.activation_checkpointing: expected none, full or selective, "
@@ -264,7 +266,7 @@ def compile_blocks(backbone, mode="default"):
         block.compile(fullgraph=True, mode=None if mode == "default" else mode)
 
 
-def _shard(module, plan, mesh, blocks=(), blocks_per_unit=1):
+def _shard(module, plan, mesh, blocks=(), blocks_per_unit=1, prefetch=0):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=plan.param_dtype, reduce_dtype=plan.reduce_dtype)
     blocks = list(blocks)
@@ -274,6 +276,20 @@ def _shard(module, plan, mesh, blocks=(), blocks_per_unit=1):
         reshard = plan.reshard_after_forward and i < len(units) - 1
         fully_shard(unit[0] if len(unit) == 1 else unit, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
     fully_shard(module, mesh=mesh, mp_policy=mp, reshard_after_forward=plan.reshard_after_forward)
+    if prefetch:
+        _explicit_prefetch([unit[0] for unit in units], prefetch)
+
+
+def _explicit_prefetch(units, n):
+    """Each unit issues the all-gathers of the next n units when its own forward starts (and of the previous n in
+    the backward). FSDP2 otherwise issues a unit's all-gather when the host reaches that unit: on a host-bound step
+    the host is not ahead of the GPU, so the gather would not overlap the previous unit's compute. (A grouped unit
+    is driven by its first block.)"""
+    for i, unit in enumerate(units):
+        if units[i + 1:i + 1 + n]:
+            unit.set_modules_to_forward_prefetch(units[i + 1:i + 1 + n])
+        if units[max(0, i - n):i]:
+            unit.set_modules_to_backward_prefetch(units[max(0, i - n):i][::-1])
 
 
 def parallelize(model, plan, device, mesh=None):
@@ -306,7 +322,7 @@ def parallelize(model, plan, device, mesh=None):
         modules = getattr(model, role)
         for name, module in modules.items():
             blocks = list(module.iter_blocks()) if name == "backbone" else []
-            _shard(module, plans[name], mesh, blocks, plan.fsdp_blocks_per_unit)
+            _shard(module, plans[name], mesh, blocks, plan.fsdp_blocks_per_unit, plan.fsdp_prefetch)
         register_fsdp_forward_method(modules.backbone, "forward_features_list")
         register_fsdp_forward_method(modules.backbone, "forward_features")
     # the losses' buffers (centers) stay replicated plain tensors

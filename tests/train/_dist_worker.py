@@ -79,7 +79,11 @@ def main():
               "sharded": any(isinstance(p, DTensor) for p in student),
               # (replicas, shard size) of the student's device mesh: [world] for FSDP, [r, s] for HSDP
               "mesh_shape": list(student[0].device_mesh.shape) if isinstance(student[0], DTensor) else None,
-              "placements": [type(p).__name__ for p in student[0].placements] if isinstance(student[0], DTensor) else None}
+              "placements": [type(p).__name__ for p in student[0].placements] if isinstance(student[0], DTensor) else None,
+              # per student block: how many units it all-gathers ahead explicitly (train.fsdp_prefetch; FSDP2 internals)
+              "forward_prefetch": [len(getattr(b._get_fsdp_state(), "_states_to_forward_prefetch", ()))
+                                   for b in trainer.model.student.backbone.iter_blocks()
+                                   if hasattr(b, "_get_fsdp_state")]}
     try:
         if spec.get("compare_teacher"):
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

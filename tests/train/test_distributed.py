@@ -95,7 +95,8 @@ def test_hsdp_and_no_shard_match_one_rank_on_the_same_global_batch(tmp_path):
         trainer.close()
     no_shard = [f"compute_precision.{role}.{name}.sharding_strategy=NO_SHARD"
                 for role in ("student", "teacher") for name in ("backbone", "dino_head", "ibot_head")]
-    runs = (("hsdp", 4, ["train.fsdp_shard_size=2", "train.batch_size_per_gpu=2"], [2, 2]),
+    # (the HSDP run also prefetches explicitly: all-gathers issued a unit ahead change no number)
+    runs = (("hsdp", 4, ["train.fsdp_shard_size=2", "train.fsdp_prefetch=1", "train.batch_size_per_gpu=2"], [2, 2]),
             ("no_shard", 2, no_shard + ["train.batch_size_per_gpu=4"], [2, 1]))
     for name, world, extra, mesh_shape in runs:
         results = _run_ranks(tmp_path, world, {"overrides": common + extra, "output_dir": str(tmp_path / name),
@@ -123,10 +124,13 @@ def test_one_process_fsdp2_trains_like_the_unsharded_process(tmp_path):
     finally:
         trainer.close()
     # one FSDP unit per block (the default) and both blocks in one unit (train.fsdp_blocks_per_unit)
-    for name, extra in (("fsdp", []), ("fsdp_grouped", ["train.fsdp_blocks_per_unit=2"])):
+    for name, extra in (("fsdp", []), ("fsdp_grouped", ["train.fsdp_blocks_per_unit=2"]),
+                        ("fsdp_prefetch", ["train.fsdp_prefetch=2"])):
         (result,) = _run_ranks(tmp_path, 1, {"overrides": common + ["train.fsdp=true", *extra],
                                              "output_dir": str(tmp_path / name), "synthetic": True})
         assert result["world"] == 1 and result["sharded"]
+        # two blocks: the first gathers the second ahead when asked to (the last has nothing after it)
+        assert result["forward_prefetch"] == ([1, 0] if name == "fsdp_prefetch" else [0, 0])
         assert [it for it, _ in result["loss_history"]] == [0, 1, 2, 3]
         for (_, got), (_, want) in zip(result["loss_history"], reference):
             assert got == pytest.approx(want, rel=1e-5)
