@@ -6,7 +6,8 @@
 #   bash scripts/gpu_check.sh [total_seconds]      (default 560)
 #   STAGES="test_kernels_eval bench_knn" bash scripts/gpu_check.sh 200     (only the named stages; wheels, install and
 #                                                                          import always run)
-# Extra arguments: TRAIN_ARGS (e.g. "--train-variant nofsdp=train.fsdp=false"), DATA_ARGS, KNN_ARGS, KOLEO_ARGS,
+# Extra arguments: TRAIN_ARGS (e.g. "--train-variant nofsdp=train.fsdp=false"), FSDP_ARGS (bench_train_fsdp's,
+# e.g. "--train-variant pf1=train.fsdp_prefetch=1"), DATA_ARGS, KNN_ARGS, KOLEO_ARGS,
 # SINKHORN_ARGS, AUGMENT_ARGS; stage limits TRAIN_LIMIT, AUGMENT_LIMIT, DATA_LIMIT (seconds).
 #
 # Writes under $OUT (or ./gpu_check_out): gpu_check.log, results.tgz (benchmark CSVs + REPORT.md, pytest junit
@@ -86,7 +87,7 @@ stage bench_train ${TRAIN_LIMIT:-300} "${BENCH[@]}" train --train-batch 32 --tra
 if [[ " ${STAGES:-} " == *" bench_train_fsdp "* ]]; then
     stage bench_train_fsdp 150 python3 -m celldino.benchmarks.run_all --results-dir "$WORK/results/fsdp" train \
         --train-batch 32 --train-steps 10 --train-e2e-steps 0 --train-overrides train.fsdp=true \
-        --train-profile "$WORK/results/profile_fsdp" --train-profile-trace-mb "${TRAIN_TRACE_MB:-5}"
+        --train-profile "$WORK/results/profile_fsdp" --train-profile-trace-mb "${TRAIN_TRACE_MB:-5}" ${FSDP_ARGS:-}
 fi
 # the real trainer end to end on the GPU (data loader, compile, checkpoint, teacher export) on the bundled sample
 stage train_smoke 90 python3 -m celldino train --config-file demo --output-dir "$WORK/train_smoke" \
