@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 
-from . import _dist
+from celldino import dist as _dist
 
 logger = logging.getLogger("celldino")
 

@@ -145,7 +145,7 @@ def embed_dataset(model, dataset, output: str, *, umap_png: Optional[str] = None
     or .h5ad with obsm['X_umap'] unless compute_projection=False), plus a UMAP PNG coloured by `color` (an obs
     column; default label_name / label). Every rank computes its share; rank 0 writes.
     Returns {"output", "sidecar", "umap_png", "projection", "color", "n", "dim", "obs_columns"}."""
-    from . import _dist
+    from celldino import dist as _dist
     from .export import build_obs, compute_umap, dataset_metadata, plot_embedding, write_anndata, write_npy
     from .features import dataset_ids, extract_features
 

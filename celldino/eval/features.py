@@ -37,7 +37,7 @@ from torch import nn
 
 from celldino.files import atomic_torch_save, atomic_write_text
 
-from . import _dist
+from celldino import dist as _dist
 from .inputs import (ImageFileDataset, build_input_dataset, dataset_spec, make_eval_dataset,  # noqa: F401 - public
                      make_eval_transform, require_several_classes, share_label_space, warn_if_crop_pads)
 

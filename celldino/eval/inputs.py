@@ -14,7 +14,7 @@ import torch
 
 from celldino.data.datasets import ImageDataset
 
-from . import _dist
+from celldino import dist as _dist
 
 logger = logging.getLogger("celldino")
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import _dist
+from celldino import dist as _dist
 from .metrics import compute_metric, parse_metric_type
 
 logger = logging.getLogger("celldino")

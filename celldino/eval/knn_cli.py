@@ -48,7 +48,7 @@ def add_arguments(parser):
 def main(args) -> int:
     from celldino.data.datasets import DatasetError
 
-    from . import _dist
+    from celldino import dist as _dist
     from .knn import evaluate_knn
 
     is_main = setup(args)

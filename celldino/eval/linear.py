@@ -35,7 +35,7 @@ from torch import nn
 
 from celldino.files import atomic_torch_save
 
-from . import _dist
+from celldino import dist as _dist
 from .knn import (_leave_one_out_folds, _leave_one_out_inputs, infer_num_classes, labels_to_tensor,
                   read_leave_one_out_groups, require_group_count)
 from .metrics import compute_metric, default_metric_and_loss, parse_metric_type

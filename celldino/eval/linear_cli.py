@@ -73,7 +73,7 @@ def format_results(results: dict) -> str:
 def main(args) -> int:
     from celldino.data.datasets import DatasetError
 
-    from . import _dist
+    from celldino import dist as _dist
     from .inputs import dataset_spec
     from .linear import evaluate_linear
 

@@ -9,9 +9,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-
-def _distributed(group=None):
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+from celldino.dist import several_ranks
 
 
 class LaggedCenter(nn.Module):
@@ -35,7 +33,7 @@ class LaggedCenter(nn.Module):
         self.cross_entropy = torch.compile(type(self).cross_entropy, dynamic=True, fullgraph=True)
 
     def world_size(self):
-        return dist.get_world_size(self.group) if _distributed(self.group) else 1
+        return dist.get_world_size(self.group) if several_ranks(self.group) else 1
 
     @torch.no_grad()
     def launch_center_update(self, batch_center_sum, n_terms):
@@ -44,7 +42,7 @@ class LaggedCenter(nn.Module):
         self.n_center_terms = n_terms
         self.async_batch_center = batch_center_sum.float()
         self.reduce_handle = None
-        if _distributed(self.group):
+        if several_ranks(self.group):
             self.reduce_handle = dist.all_reduce(self.async_batch_center, group=self.group, async_op=True)
 
     @torch.no_grad()

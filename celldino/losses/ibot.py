@@ -3,9 +3,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from celldino.dist import several_ranks
 from celldino.kernels import sinkhorn_knopp
 
-from .centering import LaggedCenter, _distributed
+from .centering import LaggedCenter
 
 
 def patch_cross_entropy(teacher_probs, student_logits, student_temp):
@@ -31,7 +32,7 @@ class iBOTPatchLoss(LaggedCenter):  # noqa: N801 - reference name
         Unlike the reference we all-reduce a copy (the reference reduces the batch's tensor in place) and skip the
         reduction when not distributed (the reference calls it unconditionally)."""
         n_rows = n_masked_patches_tensor.detach()
-        if _distributed(self.group):  # the collective runs on the group's device
+        if several_ranks(self.group):  # the collective runs on the group's device
             n_rows = n_rows.clone().to(teacher_output.device)
             dist.all_reduce(n_rows, group=self.group)
         # one process: the collated count stays on the host, so reading it does not wait for the GPU

@@ -14,6 +14,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+# the collectives are celldino.dist's (shared with evaluation), re-exported for the trainer's modules
+from celldino.dist import (all_gather_objects, all_reduce_sum, all_true, barrier, broadcast_object, is_main_process,
+                           rank_world)
+from celldino.dist import is_enabled as is_initialized
+
+__all__ = ["env_world", "select_device", "init", "destroy", "is_initialized", "world_size", "rank", "is_main_process",
+           "barrier", "all_reduce_sum", "broadcast_object", "all_gather_objects", "all_true", "check_shared_directory"]
+
 logger = logging.getLogger("celldino")
 
 
@@ -68,53 +76,12 @@ def init(device, timeout_minutes=30, single_process_group=False):
     return rank, world, True
 
 
-def is_initialized():
-    return dist.is_available() and dist.is_initialized()
-
-
 def world_size():
-    return dist.get_world_size() if is_initialized() else 1
+    return rank_world()[1]
 
 
 def rank():
-    return dist.get_rank() if is_initialized() else 0
-
-
-def is_main_process():
-    return rank() == 0
-
-
-def barrier():
-    if is_initialized() and world_size() > 1:
-        dist.barrier()
-
-
-def all_reduce_sum(tensor):
-    if is_initialized() and world_size() > 1:
-        dist.all_reduce(tensor)
-    return tensor
-
-
-def broadcast_object(obj, src=0):
-    if not (is_initialized() and world_size() > 1):
-        return obj
-    holder = [obj]
-    dist.broadcast_object_list(holder, src=src)
-    return holder[0]
-
-
-def all_gather_objects(obj):
-    """[obj of rank 0, obj of rank 1, ...] (a single process: [obj])."""
-    if not (is_initialized() and world_size() > 1):
-        return [obj]
-    out = [None] * world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def all_true(flag) -> bool:
-    """Whether `flag` holds on every rank (collective): ranks take the same branch after a per-rank check."""
-    return all(all_gather_objects(bool(flag)))
+    return rank_world()[0]
 
 
 def check_shared_directory(path):

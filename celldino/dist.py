@@ -1,7 +1,9 @@
-"""Small torch.distributed helpers for evaluation: everything works unchanged in a single process.
+"""Small torch.distributed helpers shared by training and evaluation: everything works unchanged in a single
+process (no group, or a group of one rank), and every helper takes an optional process group (None: the default).
 
-Evaluation never starts a process group itself; when one is initialised (torchrun, or a test's gloo group)
-features are sharded over its ranks and gathered back, and kNN shards the train set.
+Training sets up its group in celldino.train.distributed; evaluation only joins one a launcher describes
+(`maybe_init_distributed`): features are then sharded over the ranks and gathered back, and kNN shards the train
+set.
 """
 from __future__ import annotations
 
@@ -12,7 +14,13 @@ import torch.distributed as dist
 
 
 def is_enabled(group=None) -> bool:
+    """Whether a process group exists (a 1-rank group counts: FSDP2 can run on one)."""
     return dist.is_available() and dist.is_initialized()
+
+
+def several_ranks(group=None) -> bool:
+    """Whether collectives have peers to talk to: with no group or one rank they are skipped."""
+    return is_enabled(group) and dist.get_world_size(group) > 1
 
 
 def rank_world(group=None):
@@ -36,12 +44,12 @@ def comm_device(group=None) -> torch.device:
 
 
 def barrier(group=None) -> None:
-    if is_enabled(group):
+    if several_ranks(group):
         dist.barrier(group=group)
 
 
 def broadcast_object(obj, src: int = 0, group=None):
-    if not is_enabled(group):
+    if not several_ranks(group):
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=_global_rank(src, group), group=group)
@@ -49,11 +57,24 @@ def broadcast_object(obj, src: int = 0, group=None):
 
 
 def all_gather_objects(obj, group=None) -> list:
-    if not is_enabled(group):
+    """[obj of rank 0, obj of rank 1, ...] ([obj] in a single process)."""
+    if not several_ranks(group):
         return [obj]
     out = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, obj, group=group)
     return out
+
+
+def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum `tensor` over the ranks in place (and return it)."""
+    if several_ranks(group):
+        dist.all_reduce(tensor, group=group)
+    return tensor
+
+
+def all_true(flag, group=None) -> bool:
+    """Whether `flag` holds on every rank (collective): ranks take the same branch after a per-rank check."""
+    return all(all_gather_objects(bool(flag), group))
 
 
 def _global_rank(group_rank: int, group) -> int:
