@@ -19,7 +19,7 @@ import torch
 from celldino.models import ARCHS, DinoVisionTransformer, arch_builder
 from celldino.models.checkpoint import (CheckpointError, backbone_export_metadata, decode_metadata,
                                         infer_model_kwargs, load_backbone_state_dict, load_state_dict_strict,
-                                        remap_block_keys, save_pth, save_safetensors)
+                                        read_checkpoint_metadata, remap_block_keys, save_pth, save_safetensors)
 from celldino.models.vision_transformer import arch_of
 
 logger = logging.getLogger("celldino")
@@ -77,6 +77,12 @@ def _sibling_export_metadata(path):
     from safetensors import safe_open
     with safe_open(sibling, framework="pt") as handle:
         return decode_metadata(handle.metadata() or {})
+
+
+def recorded_settings(path):
+    """The model settings a checkpoint records (its own metadata over that of the export beside a training
+    teacher_checkpoint.pth), read without its weights: what load_backbone takes from the file rather than infers."""
+    return {**_sibling_export_metadata(path), **read_checkpoint_metadata(path)}
 
 
 def backbone_kwargs_from_checkpoint(path, arch=None, **model_kwargs):

@@ -100,19 +100,11 @@ def recorded_num_heads(path):
     """The head count the checkpoint file records (celldino .safetensors metadata, a training directory's
     meta.json, else the export `celldino train` writes beside a teacher_checkpoint.pth), None when it records none.
     Not the count inferred from a standard width: a config may set another for such a model (as training does).
-    Reads the weights once more: called only when a config sets student.num_heads (celldino's small demo configs;
-    the reference's recipes leave it unset)."""
-    from celldino.hub import TEACHER_EXPORT_SIBLINGS
-    from celldino.models.checkpoint import load_backbone_state_dict
+    Reads metadata only, never the weights."""
+    from celldino.hub import recorded_settings
 
-    path = os.fspath(path)
-    sibling = TEACHER_EXPORT_SIBLINGS.get(os.path.basename(path))
-    sibling = os.path.join(os.path.dirname(path), sibling) if sibling else None
-    for candidate in [path] + ([sibling] if sibling and os.path.isfile(sibling) else []):  # the file's own first
-        heads = load_backbone_state_dict(candidate)[1].get("num_heads")
-        if heads is not None:
-            return int(heads)
-    return None
+    heads = recorded_settings(path).get("num_heads")
+    return None if heads is None else int(heads)
 
 
 def eval_config(args):

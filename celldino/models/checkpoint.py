@@ -291,6 +291,23 @@ def split_state_dict(obj, source="checkpoint"):
     return flat, None
 
 
+def read_checkpoint_metadata(path):
+    """The model settings a checkpoint records, without reading its tensors: a celldino .safetensors file's
+    metadata, a training checkpoint directory's meta.json "teacher_backbone"; {} for formats that record none
+    (.pth state dicts) and for unreadable files (reading the checkpoint itself reports those)."""
+    path = os.fspath(path)
+    try:
+        if os.path.isdir(path):
+            return decode_metadata(_dcp_backbone_settings(path)) if _looks_like_dcp(path) else {}
+        if os.path.isfile(path) and (path.endswith(".safetensors") or _is_safetensors(path)):
+            from safetensors import safe_open
+            with safe_open(path, framework="pt", device="cpu") as f:
+                return decode_metadata(dict(f.metadata() or {}))
+    except Exception:  # noqa: BLE001 - a damaged file: the full read names the problem
+        return {}
+    return {}
+
+
 def load_backbone_state_dict(path):
     """(backbone state dict, metadata) of a checkpoint file in any supported format."""
     obj, metadata = read_checkpoint(path)

@@ -195,3 +195,20 @@ def test_a_checkpoint_saved_by_two_ranks_loads_in_one_process(tmp_path):
     assert len(chunks) == 2  # really sharded over the two ranks
     assert not torch.distributed.is_initialized()
     _assert_same_as_export(load_backbone(ckpt), out / EXPORT)
+
+
+def test_recorded_settings_are_read_without_the_weights(run_1rank, monkeypatch):
+    """hub.recorded_settings (what eval --config-file compares num_heads with) reads metadata only: the training
+    directory's meta.json, the safetensors export's header, and for a teacher_checkpoint.pth the export beside it;
+    the weights are never read (they may be gigabytes)."""
+    from celldino import hub
+    from celldino.models import checkpoint
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights were read")
+    monkeypatch.setattr(checkpoint, "read_checkpoint", no_weights)
+    monkeypatch.setattr(hub, "load_backbone_state_dict", no_weights)
+    expected = _export_settings(run_1rank / EXPORT)
+    for source in (run_1rank / ITER_DIR, run_1rank / EXPORT, run_1rank / EXPORT.parent / "teacher_checkpoint.pth"):
+        settings = hub.recorded_settings(source)
+        assert settings["num_heads"] == expected["num_heads"] == 2 and settings["embed_dim"] == 32, source
