@@ -17,8 +17,6 @@ from celldino.models import ARCHS
 from celldino.models.vision_transformer import arch_of
 
 PARAM_DTYPE_KEY = "compute_precision.teacher.backbone.mixed_precision.param_dtype"
-_DTYPE_NAMES = {"fp16": "fp16", "float16": "fp16", "half": "fp16", "bf16": "bf16", "bfloat16": "bf16",
-                "fp32": "fp32", "float32": "fp32", "float": "fp32"}
 
 
 class ConfigMismatchError(ValueError):
@@ -113,10 +111,14 @@ def check_num_heads_matches_record(recorded, cfg, source="the weights", config_n
 
 def autocast_dtype_from_config(cfg) -> str:
     """The reference's eval autocast dtype: the teacher backbone's param_dtype, as fp16 | bf16 | fp32."""
+    import torch
     from omegaconf import OmegaConf
 
+    from .features import parse_dtype  # the one table of dtype names evaluation accepts
+
     value = OmegaConf.select(cfg, PARAM_DTYPE_KEY)
-    name = _DTYPE_NAMES.get(str(value).lower().replace("torch.", ""))
-    if name is None:
-        raise ConfigMismatchError(f"{PARAM_DTYPE_KEY} is {value!r}; expected fp16, bf16 or fp32")
-    return name
+    try:
+        dtype = parse_dtype(str(value))
+    except ValueError:
+        raise ConfigMismatchError(f"{PARAM_DTYPE_KEY} is {value!r}; expected fp16, bf16 or fp32") from None
+    return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
