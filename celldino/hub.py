@@ -17,9 +17,10 @@ from enum import Enum
 import torch
 
 from celldino.models import ARCHS, DinoVisionTransformer, arch_builder
-from celldino.models.checkpoint import (CheckpointError, backbone_export_metadata, decode_metadata,
+from celldino.models.checkpoint import (CheckpointError, backbone_export_metadata,
                                         infer_model_kwargs, load_backbone_state_dict, load_state_dict_strict,
-                                        read_checkpoint_metadata, remap_block_keys, save_pth, save_safetensors)
+                                        read_checkpoint_metadata, remap_block_keys, save_pth, save_safetensors,
+                                        safetensors_metadata)
 from celldino.models.vision_transformer import arch_of
 
 logger = logging.getLogger("celldino")
@@ -74,9 +75,7 @@ def _sibling_export_metadata(path):
     sibling = os.path.join(os.path.dirname(os.fspath(path)), sibling)
     if not os.path.isfile(sibling):
         return {}
-    from safetensors import safe_open
-    with safe_open(sibling, framework="pt") as handle:
-        return decode_metadata(handle.metadata() or {})
+    return safetensors_metadata(sibling)
 
 
 def recorded_settings(path):

@@ -300,12 +300,17 @@ def read_checkpoint_metadata(path):
         if os.path.isdir(path):
             return decode_metadata(_dcp_backbone_settings(path)) if _looks_like_dcp(path) else {}
         if os.path.isfile(path) and (path.endswith(".safetensors") or _is_safetensors(path)):
-            from safetensors import safe_open
-            with safe_open(path, framework="pt", device="cpu") as f:
-                return decode_metadata(dict(f.metadata() or {}))
+            return safetensors_metadata(path)
     except Exception:  # noqa: BLE001 - a damaged file: the full read names the problem
         return {}
     return {}
+
+
+def safetensors_metadata(path):
+    """The decoded model settings in a .safetensors file's header (its tensors are not read)."""
+    from safetensors import safe_open
+    with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
+        return decode_metadata(dict(f.metadata() or {}))
 
 
 def load_backbone_state_dict(path):
