@@ -113,9 +113,7 @@ def _optional_int(cfg, key, minimum=1):
 def _check_config(cfg):
     if cfg.train.batch_size_per_gpu < 1:
         raise ValueError(f"train.batch_size_per_gpu must be >= 1, got {cfg.train.batch_size_per_gpu}")
-    if float(cfg.train.OFFICIAL_EPOCH_LENGTH) != int(cfg.train.OFFICIAL_EPOCH_LENGTH):
-        raise ValueError(f"train.OFFICIAL_EPOCH_LENGTH: expected a whole number of iterations, "
-                         f"got {cfg.train.OFFICIAL_EPOCH_LENGTH}")
+    whole_number(cfg.train.OFFICIAL_EPOCH_LENGTH, "train.OFFICIAL_EPOCH_LENGTH")
     for key in EPOCH_KEYS:  # whole numbers of iterations (fractional epochs allowed when the product is whole)
         iterations(cfg, key)
     if iterations(cfg, "optim.epochs") < 1:
