@@ -36,8 +36,10 @@ def test_knn_rows_made_before_the_baseline_get_their_speedup():
     by = {r["provider"]: r for r in rows}
     assert list(by)[:2] == ["celldino", "reference_loop"] and "3 timed runs" in by["celldino"]["note"]
     base = by["reference_loop"]["median_ms"]
-    for r in rows:
-        assert r["speedup_vs_baseline"] == round(base / r["median_ms"], 3), r
+    for r in rows:  # speed-ups come from the unrounded medians: allow the rounding of the printed ones (4 decimals)
+        ratio = base / r["median_ms"]
+        slack = ratio * (5e-5 / base + 5e-5 / r["median_ms"]) + 5e-4
+        assert abs(r["speedup_vs_baseline"] - ratio) <= slack, r
 
 
 def test_flex_config_is_scoped_to_the_flex_provider(monkeypatch):
