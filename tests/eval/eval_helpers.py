@@ -1,9 +1,6 @@
 """Helpers for the evaluation tests: tiny real ViTs and in-memory datasets."""
-import os
-
 import torch
 
-import local_ports
 from celldino.models import vit_small
 
 
@@ -28,11 +25,9 @@ class TensorItems(torch.utils.data.Dataset):
         return self.images[i], self.targets[i]
 
 
-free_port = local_ports.free_port  # the tests of this folder import it from here
-
-
-def init_gloo(rank, world, port):
+def init_gloo(rank, world, store_file):
+    """Join a gloo group of `world` processes through a file store (`store_file`: a fresh path under tmp_path), not a
+    TCP port: a "free" port chosen by the parent races with anything else binding ports (as tests/gloo_ranks.py)."""
     import torch.distributed as dist
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world)
 

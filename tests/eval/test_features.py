@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 
 from celldino.eval.features import FeatureModel, FeatureOptions, autocast_dtype_for, extract_features, linear_input
 
-from eval_helpers import TensorItems, free_port, init_gloo, tiny_vit
+from eval_helpers import TensorItems, init_gloo, tiny_vit
 
 
 def _images(n, c=2, size=32, seed=0):
@@ -119,8 +119,8 @@ def test_cache_is_resumable_and_checked(tmp_path, tiny_model):
         extract_features(counting, ds, kind="knn", batch_size=2, cache_dir=str(tmp_path), chunk_size=4, progress=False)
 
 
-def _worker(rank, world, port, state, images, targets, cache, queue):
-    init_gloo(rank, world, port)
+def _worker(rank, world, store_file, state, images, targets, cache, queue):
+    init_gloo(rank, world, store_file)
     try:
         model = tiny_vit()
         model.load_state_dict(state)
@@ -138,9 +138,8 @@ def test_two_ranks_shard_and_gather(tmp_path, tiny_model):
     images, targets = _images(11), [[i % 2, 1 - i % 2, 1] for i in range(11)]  # multi-hot targets
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = free_port()
     args = (tiny_model.state_dict(), images, targets, str(tmp_path / "cache"), queue)
-    procs = [ctx.Process(target=_worker, args=(r, 2, port) + args) for r in range(2)]
+    procs = [ctx.Process(target=_worker, args=(r, 2, str(tmp_path / "gloo_store")) + args) for r in range(2)]
     for p in procs:
         p.start()
     results = dict((item[0], item[1:]) for item in (queue.get(timeout=180) for _ in procs))

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 
 from celldino.eval.knn import (class_indices_mapping, few_shot_subsets, knn_leave_one_out, knn_scores, knn_search,
                                topk_merge)
-from local_ports import free_port
+from eval_helpers import init_gloo
 
 
 def brute_force(train, labels, test, nb_knn, T, num_classes, normalize=True, voting="per_k"):
@@ -162,9 +162,8 @@ def test_leave_one_out_equals_manual_loop():
 
 # ---- 2 gloo processes: sharded search == one process ----------------------------------------------------------
 
-def _worker(rank, world, port, train, labels, test, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank, world, store_file, train, labels, test, queue):
+    init_gloo(rank, world, store_file)
     try:
         # uneven queries per rank (7 and 12), full train on every rank (each uses its tensor_split piece)
         my_test = test[:7] if rank == 0 else test[7:]
@@ -181,7 +180,7 @@ def _worker(rank, world, port, train, labels, test, queue):
 
 
 @pytest.mark.distributed
-def test_two_rank_sharded_knn_equals_single_process():
+def test_two_rank_sharded_knn_equals_single_process(tmp_path):
     g = torch.Generator().manual_seed(6)
     train = torch.randn(31, 12, generator=g)
     train[20:25] = train[0:5]  # exact duplicates across the two shards: ties must still go to the lower index
@@ -190,8 +189,8 @@ def test_two_rank_sharded_knn_equals_single_process():
     test[3] = train[2]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, train, labels, test, queue)) for r in range(2)]
+    store = str(tmp_path / "gloo_store")
+    procs = [ctx.Process(target=_worker, args=(r, 2, store, train, labels, test, queue)) for r in range(2)]
     for p in procs:
         p.start()
     results = dict((item[0], item[1:]) for item in (queue.get(timeout=120) for _ in procs))

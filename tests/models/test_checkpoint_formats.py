@@ -204,17 +204,14 @@ def test_reference_fsdp_rank_checkpoint_is_refused_with_a_pointer(tmp_path):
     script = (
         "import os, sys, torch, torch.distributed as dist\n"
         "from torch.distributed._shard.sharded_tensor import Shard, init_from_local_shards\n"
-        "dist.init_process_group('gloo', init_method='tcp://127.0.0.1:%d' % int(sys.argv[2]), rank=0, world_size=1)\n"
+        "dist.init_process_group('gloo', init_method='file://' + sys.argv[2], rank=0, world_size=1)\n"
         "st = init_from_local_shards([Shard.from_tensor_and_offsets(torch.randn(10), [0], 0)], 10)\n"
         "torch.save({'model': {'teacher.backbone._fsdp_wrapped_module._flat_param': st}, 'iteration': 3}, sys.argv[1])\n"
         "dist.destroy_process_group()\n")
-    import socket
     import subprocess
     import sys
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    subprocess.run([sys.executable, "-c", script, str(path), str(port)], check=True, timeout=120)
+    # a file store, not a TCP port chosen here: that port could be taken before the child binds it
+    subprocess.run([sys.executable, "-c", script, str(path), str(tmp_path / "gloo_store")], check=True, timeout=120)
     with pytest.raises(CheckpointError, match=r"model_0000003.rank_0.pth: this is a sharded FSDP training "
                                               r"checkpoint.*teacher_checkpoint.pth"):
         load_backbone(path)
