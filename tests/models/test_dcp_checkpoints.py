@@ -161,27 +161,19 @@ def test_the_checkpoints_folder_or_output_directory_names_its_newest_checkpoint(
 def test_a_checkpoint_saved_by_two_ranks_loads_in_one_process(tmp_path):
     """2 gloo processes (FSDP2: every parameter's rows split over the ranks) save iter_00000001; one process
     with no process group reassembles the teacher, equal to the one the 2 ranks gathered and exported."""
-    sys.path.insert(0, str(TRAIN_TESTS))
-    try:
-        from train_helpers import free_port
-    finally:
-        sys.path.remove(str(TRAIN_TESTS))
+    from local_ports import communicate_on_a_free_port
     out = tmp_path / "run2"
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"overrides": RUN, "output_dir": str(out), "result": str(tmp_path / "result")}))
-    port = free_port()
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(spec)], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True,
-                              env=dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
-                                       LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                                       OMP_NUM_THREADS="1"))
-             for rank in range(2)]
-    try:
-        outputs = [proc.communicate(timeout=240)[0] for proc in procs]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
+
+    def start(port):
+        return [subprocess.Popen([sys.executable, str(WORKER), str(spec)], stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True,
+                                 env=dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                                          LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                                          OMP_NUM_THREADS="1"))
+                for rank in range(2)]
+    outputs = [output for _, output in communicate_on_a_free_port(start, timeout=240)]
     for rank, output in enumerate(outputs):
         # FSDP2 + gloo processes can abort at interpreter exit after a clean run: the result file says done
         if not (tmp_path / f"result.rank{rank}.json").is_file():

@@ -12,7 +12,8 @@ import torch
 from celldino.train import distributed
 from celldino.train.trainer import Trainer
 
-from train_helpers import free_port, tiny_cfg
+from local_ports import communicate_on_a_free_port
+from train_helpers import tiny_cfg
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -27,22 +28,15 @@ def _run_ranks(tmp_path, world, spec, timeout=240):
     spec = dict(spec, result=str(tmp_path / f"result-{world}"))
     spec_path = tmp_path / f"spec-{world}-{abs(hash(json.dumps(spec)))}.json"
     spec_path.write_text(json.dumps(spec))
-    port = free_port()
-    procs = []
-    for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(spec_path)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = []
-    for proc in procs:
-        try:
-            out, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            raise
-        outputs.append((proc.returncode, out))
+
+    def start(port):
+        return [subprocess.Popen([sys.executable, str(WORKER), str(spec_path)], stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True,
+                                 env=dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                                          LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                                          MASTER_PORT=str(port), OMP_NUM_THREADS="1"))
+                for rank in range(world)]
+    outputs = communicate_on_a_free_port(start, timeout)
     results = []
     for rank, (code, out) in enumerate(outputs):
         path = Path(f"{spec['result']}.rank{rank}.json")

@@ -9,7 +9,8 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from train_helpers import free_port, tiny_cfg
+from local_ports import communicate_on_a_free_port
+from train_helpers import tiny_cfg
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -19,21 +20,15 @@ def test_two_torchrun_nodes_train_one_run(tmp_path):
     OmegaConf.save(tiny_cfg("optim.epochs=1", "train.OFFICIAL_EPOCH_LENGTH=3", "evaluation.eval_period_iterations=0",
                             "train.checkpoint_period=100"), config)
     out = tmp_path / "run"
-    port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    nodes = [subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank",
-         str(node), "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "celldino", "train",
-         "--config-file", str(config), "--output-dir", str(out)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
-    logs = []
-    for proc in nodes:
-        try:
-            logs.append(proc.communicate(timeout=240)[0])
-        except subprocess.TimeoutExpired:
-            for p in nodes:
-                p.kill()
-            raise
+
+    def start(port):  # node 0 first: its agent hosts the rendezvous store on the port
+        return [subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank",
+             str(node), "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "celldino", "train",
+             "--config-file", str(config), "--output-dir", str(out)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
+    logs = [log for _, log in communicate_on_a_free_port(start, timeout=240)]
     # node 0 hosts global rank 0, which prints the run's summary line; exit codes are not trusted alone (FSDP2 +
     # gloo processes sometimes abort at interpreter exit after a clean shutdown)
     assert "2 x cpu" in logs[0] and "celldino train: finished at iteration 3 of 3" in logs[0], logs[0][-4000:]

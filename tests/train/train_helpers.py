@@ -25,10 +25,3 @@ TINY = [
 def tiny_cfg(*overrides):
     from celldino.config import load_config
     return load_config(None, TINY + list(overrides))
-
-
-def free_port():
-    """tests/local_ports.free_port, imported when called: worker processes (_dist_worker.py, test_trainer's scripts)
-    import this module with only tests/train on sys.path."""
-    from local_ports import free_port as pick
-    return pick()
