@@ -7,7 +7,6 @@ train.fsdp=true asks for FSDP2 on a 1-rank group (the reference always creates o
 import datetime
 import logging
 import os
-import socket
 import uuid
 from pathlib import Path
 
@@ -23,12 +22,6 @@ __all__ = ["env_world", "select_device", "init", "destroy", "is_initialized", "w
            "barrier", "all_reduce_sum", "broadcast_object", "all_gather_objects", "all_true", "check_shared_directory"]
 
 logger = logging.getLogger("celldino")
-
-
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env_world():
@@ -67,8 +60,10 @@ def init(device, timeout_minutes=30, single_process_group=False):
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = datetime.timedelta(minutes=timeout_minutes)
     if world == 1 and "MASTER_ADDR" not in os.environ:
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
-                                timeout=timeout, device_id=device if device.type == "cuda" else None)
+        # a lone rank needs no rendezvous: an in-memory store, not a TCP one on a port that another process could
+        # bind between choosing it and listening on it
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout,
+                                device_id=device if device.type == "cuda" else None)
     else:
         dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world, timeout=timeout,
                                 device_id=device if device.type == "cuda" else None)
