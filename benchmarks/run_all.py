@@ -19,7 +19,7 @@ from celldino.files import atomic_write_text
 
 from . import common
 
-BENCHMARKS = ["attention", "sinkhorn", "koleo", "data", "augment", "knn", "train"]
+BENCHMARKS = ["attention", "sinkhorn", "koleo", "data", "augment", "knn", "optim", "train"]
 
 
 def add_arguments(parser):

@@ -95,6 +95,7 @@ stage train_smoke 90 python3 -m celldino train --config-file demo --output-dir "
 cp "$WORK/train_smoke/training_metrics.json" "$WORK/results/train_smoke_metrics.json" 2>/dev/null; pack
 stage bench_augment ${AUGMENT_LIMIT:-40} "${BENCH[@]}" augment ${AUGMENT_ARGS:-}
 stage bench_knn 60 "${BENCH[@]}" knn ${KNN_ARGS:-}
+stage bench_optim 40 "${BENCH[@]}" optim
 stage bench_data ${DATA_LIMIT:-30} "${BENCH[@]}" data ${DATA_ARGS:-}
 
 echo "### summary"; cat "$WORK/summary"; ls -l "$WORK/results"

@@ -1,15 +1,80 @@
-"""Optimizer, per-group schedule application and per-submodule gradient clipping (reference train.py semantics)."""
+"""Optimizer, per-group schedule application and per-submodule gradient clipping (reference train.py semantics).
+
+With FSDP2 the parameters and gradients are DTensors. AdamW and the clipping are elementwise (plus one sum for the
+norm), so both run here on the local shards: the same arithmetic, without DTensor's per-op sharding propagation,
+which cost 10-20x the plain optimizer step in host time (docs/train.md)."""
 import torch
 from torch.distributed.tensor import DTensor
+from torch.optim.adamw import adamw
 
 
 def build_optimizer(cfg, params_groups, device):
-    """AdamW over the fused parameter groups: fused=True on CUDA, foreach elsewhere (the reference: foreach)."""
+    """AdamW over the fused parameter groups: fused=True on CUDA, foreach elsewhere (the reference: foreach);
+    ShardLocalAdamW when the parameters are FSDP2 shards."""
     kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
     for group in params_groups:
         group.pop("foreach", None)
         group.pop("fused", None)
-    return torch.optim.AdamW(params_groups, lr=0.0, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2), **kwargs)
+    sharded = any(isinstance(p, DTensor) for group in params_groups for p in _as_list(group["params"]))
+    optimizer_class = ShardLocalAdamW if sharded else torch.optim.AdamW
+    return optimizer_class(params_groups, lr=0.0, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2), **kwargs)
+
+
+def _as_list(params):
+    return [params] if isinstance(params, torch.Tensor) else list(params)
+
+
+def _local(tensor):
+    """The local shard of a DTensor (the tensor itself otherwise); in-place updates reach the DTensor. Callers run
+    under no_grad, where to_local() is the shard itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+class ShardLocalAdamW(torch.optim.AdamW):
+    """torch.optim.AdamW whose step runs torch's own AdamW update (torch.optim.adamw.adamw, fused / foreach as
+    configured) on the local shards of DTensor parameters, gradients and moments. The state stays DTensors, laid
+    out as torch.optim.AdamW lays it out, so state_dict, DCP checkpoints (any world size) and resume are unchanged;
+    the updated values are the same (tested against torch.optim.AdamW on DTensors). amsgrad, maximize-free
+    closures and differentiable steps are not used by the trainer and refused."""
+
+    def __init__(self, params, **kwargs):
+        if kwargs.get("amsgrad") or kwargs.get("differentiable"):
+            raise ValueError("ShardLocalAdamW supports neither amsgrad nor differentiable steps")
+        super().__init__(params, **kwargs)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError("ShardLocalAdamW.step takes no closure")
+        for group in self.param_groups:
+            params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    _init_state(state, p, group)
+                params.append(_local(p))
+                grads.append(_local(p.grad))
+                exp_avgs.append(_local(state["exp_avg"]))
+                exp_avg_sqs.append(_local(state["exp_avg_sq"]))
+                steps.append(state["step"])
+            if params:
+                beta1, beta2 = group["betas"]
+                adamw(params, grads, exp_avgs, exp_avg_sqs, [], steps, foreach=group["foreach"],
+                      capturable=group["capturable"], differentiable=False, fused=group["fused"], grad_scale=None,
+                      found_inf=None, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+                      weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"])
+
+
+def _init_state(state, param, group):
+    """The state torch.optim.AdamW creates for a parameter on its first step (step counter on the parameter's
+    device for fused / capturable, else on the CPU; moments like the parameter: DTensors for DTensor parameters)."""
+    on_device = group["capturable"] or group["fused"]
+    scalar_dtype = torch.float32 if on_device or torch.get_default_dtype() != torch.float64 else torch.float64
+    state["step"] = torch.zeros((), dtype=scalar_dtype, device=param.device if on_device else "cpu")
+    state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+    state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
 
 def apply_optim_scheduler(optimizer, lr, wd, last_layer_lr):
@@ -20,14 +85,43 @@ def apply_optim_scheduler(optimizer, lr, wd, last_layer_lr):
 
 
 def clip_grad_norm(parameters, max_norm):
-    """torch.nn.utils.clip_grad_norm_ that also works on FSDP2 (DTensor) gradients: the total norm is reduced
-    over the shards first. Returns the total norm (a tensor, no host sync)."""
+    """torch.nn.utils.clip_grad_norm_ that also works on FSDP2 (DTensor) gradients: for gradients sharded alike
+    (FSDP2's), the norms of the local shards are combined over the shard groups and the scaling runs on the shards;
+    other DTensor layouts go through DTensor. Returns the total norm (a plain tensor, no host sync)."""
     params = [p for p in parameters if p.grad is not None]
     if not params:
         return None
     grads = [p.grad for p in params]
+    groups = _shard_groups(grads)
+    if groups is None:
+        total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+        if isinstance(total, DTensor):
+            total = total.full_tensor()
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        return total
+    grads = [_local(g) for g in grads]
     total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
-    if isinstance(total, DTensor):
-        total = total.full_tensor()
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    if groups:
+        squares = total.float() ** 2 if total.dtype not in (torch.float32, torch.float64) else total ** 2
+        for group in groups:
+            torch.distributed.all_reduce(squares, group=group)
+        total = squares.sqrt()
+    # torch.nn.utils.clip_grads_with_norm_'s scaling, applied to the shards (it reads p.grad, the DTensors)
+    scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    torch._foreach_mul_(grads, scale.to(grads[0].device))
     return total
+
+
+def _shard_groups(tensors):
+    """For DTensors that share one mesh and one placement list of Shard / Replicate (FSDP2 / HSDP gradients): the
+    process groups of the mesh dimensions they are sharded over ([] when none has more than one rank). None when the
+    tensors are not DTensors laid out alike (the caller then goes through DTensor)."""
+    first = tensors[0]
+    if not isinstance(first, DTensor):
+        return None
+    mesh, placements = first.device_mesh, first.placements
+    if any(not isinstance(t, DTensor) or t.device_mesh != mesh or t.placements != placements for t in tensors):
+        return None
+    if any(not (p.is_shard() or p.is_replicate()) for p in placements):
+        return None
+    return [mesh.get_group(dim) for dim, p in enumerate(placements) if p.is_shard() and mesh.size(dim) > 1]

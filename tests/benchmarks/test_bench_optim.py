@@ -1,0 +1,26 @@
+"""bench_optim times clipping and AdamW on FSDP2 shards, torch's DTensor path (the baseline) against celldino's
+shard-local one, on the same parameters in one run; the baseline's clipping is the DTensor computation."""
+import argparse
+
+import torch
+import torch.distributed as dist
+
+from celldino.benchmarks import bench_optim
+
+
+def test_bench_optim_rows_name_both_providers_and_their_speedups():
+    rows = bench_optim.run(argparse.Namespace(quick=True))
+    assert [(r["op"], r["provider"]) for r in rows] == [
+        ("clip", "torch_dtensor"), ("clip", "shard_local"), ("adamw", "torch_dtensor"), ("adamw", "shard_local")]
+    for r in rows:
+        assert r["bench"] == "optim" and r["median_ms"] > 0 and r["baseline"] == "torch_dtensor"
+        assert r["speedup_vs_baseline"] > 0 and "groups" in r["shape"]
+    assert not dist.is_initialized()  # its 1-rank group is gone
+
+
+def test_baseline_clipping_is_the_norm_of_all_gradients():
+    params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))]
+    params[0].grad, params[1].grad = torch.tensor([3.0, 0.0, 0.0]), torch.tensor([0.0, 4.0])
+    total = bench_optim.clip_through_dtensor(params, 1.0)
+    assert total.item() == 5.0
+    assert torch.allclose(params[1].grad, torch.tensor([0.0, 0.8]), atol=1e-6)

@@ -1,0 +1,96 @@
+"""The FSDP2 optimizer step and gradient clipping on local shards (celldino.train.optim) against torch's own
+DTensor paths and a float64 reference, on gloo ranks: uneven shapes (a shard can be empty), FSDP (Shard) and
+HSDP (Replicate x Shard) layouts."""
+import argparse
+
+import pytest
+import torch
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+from celldino.train import optim
+from gloo_ranks import run_on_gloo_ranks
+
+SHAPES = [(7, 5), (3,), (1,), (4, 2, 3), (9,)]  # 1 row on 2 ranks: rank 1's shard is empty
+
+
+def _mesh_and_placements(layout, world):
+    if layout == "fsdp":
+        return init_device_mesh("cpu", (world,)), [Shard(0)]
+    return init_device_mesh("cpu", (1, world), mesh_dim_names=("replicate", "shard")), [Replicate(), Shard(0)]
+
+
+def _sharded(tensors, mesh, placements):
+    return [torch.nn.Parameter(distribute_tensor(t.clone(), mesh, placements)) for t in tensors]
+
+
+def _groups(params):
+    return [{"params": params[:2], "lr": 1e-2, "weight_decay": 0.04},
+            {"params": params[2:], "lr": 3e-3, "weight_decay": 0.0}]
+
+
+def _optimizer_rank(rank, world, layout):
+    mesh, placements = _mesh_and_placements(layout, world)
+    gen = torch.Generator().manual_seed(0)
+    values = [torch.randn(s, generator=gen) for s in SHAPES]
+    grads = [[torch.randn(s, generator=gen) for s in SHAPES] for _ in range(3)]
+    ours, theirs = _sharded(values, mesh, placements), _sharded(values, mesh, placements)
+    cfg = argparse.Namespace(optim=argparse.Namespace(adamw_beta1=0.9, adamw_beta2=0.999))
+    ours_opt = optim.build_optimizer(cfg, _groups(ours), torch.device("cpu"))  # foreach; the groups' own lr / wd
+    assert type(ours_opt) is optim.ShardLocalAdamW
+    theirs_opt = torch.optim.AdamW(_groups(theirs), betas=(0.9, 0.999), foreach=True)
+    for step_grads in grads:
+        for params in (ours, theirs):
+            for p, g in zip(params, step_grads):
+                p.grad = distribute_tensor(g.clone(), mesh, placements)
+        ours_opt.step()
+        theirs_opt.step()
+    same_params = all(torch.equal(a.full_tensor(), b.full_tensor()) for a, b in zip(ours, theirs))
+    same_state = []
+    for a, b in zip(ours, theirs):
+        sa, sb = ours_opt.state[a], theirs_opt.state[b]
+        same_state.append(sorted(sa) == sorted(sb) and torch.equal(sa["step"], sb["step"])
+                          and sa["step"].dtype == sb["step"].dtype and sa["step"].device == sb["step"].device
+                          and all(isinstance(sa[k], DTensor) and sa[k].placements == sb[k].placements
+                                  and torch.equal(sa[k].full_tensor(), sb[k].full_tensor())
+                                  for k in ("exp_avg", "exp_avg_sq")))
+    return same_params, same_state
+
+
+@pytest.mark.parametrize("layout", ["fsdp", "hsdp"])
+def test_shard_local_adamw_equals_torch_adamw_on_dtensors(tmp_path, layout):
+    results = run_on_gloo_ranks(_optimizer_rank, (layout,), tmp_path / "store", world=2)
+    for rank, (same_params, same_state) in results.items():
+        assert same_params, rank
+        assert all(same_state), (rank, same_state)
+
+
+def _clip_rank(rank, world, layout, max_norm):
+    mesh, placements = _mesh_and_placements(layout, world)
+    gen = torch.Generator().manual_seed(1)
+    grads = [torch.randn(s, generator=gen) for s in SHAPES]
+    params = _sharded([torch.zeros(s) for s in SHAPES], mesh, placements)
+    for p, g in zip(params, grads):
+        p.grad = distribute_tensor(g.clone(), mesh, placements)
+    total = optim.clip_grad_norm(params, max_norm)
+    expected = torch.linalg.vector_norm(torch.cat([g.double().flatten() for g in grads]))
+    scale = min(1.0, max_norm / (expected.item() + 1e-6))
+    errors = [(p.grad.full_tensor().double() - g.double() * scale).abs().max().item() for p, g in zip(params, grads)]
+    return type(total), total.item(), expected.item(), max(errors)
+
+
+@pytest.mark.parametrize("layout,max_norm", [("fsdp", 1.0), ("hsdp", 1.0), ("fsdp", 1e6)])
+def test_clip_grad_norm_on_shards_matches_float64(tmp_path, layout, max_norm):
+    results = run_on_gloo_ranks(_clip_rank, (layout, max_norm), tmp_path / "store", world=2)
+    for rank, (total_type, total, expected, error) in results.items():
+        assert total_type is torch.Tensor, rank  # a plain tensor, the same on every rank
+        assert total == pytest.approx(expected, rel=1e-6), rank
+        assert error < 1e-6, (rank, error)
+
+
+def test_build_optimizer_steps_on_shards_only_for_dtensor_parameters():
+    cfg = argparse.Namespace(optim=argparse.Namespace(adamw_beta1=0.9, adamw_beta2=0.999))
+    plain = optim.build_optimizer(cfg, [{"params": [torch.nn.Parameter(torch.zeros(3))]}], torch.device("cpu"))
+    assert type(plain) is torch.optim.AdamW
+    with pytest.raises(ValueError, match="amsgrad"):
+        optim.ShardLocalAdamW([torch.nn.Parameter(torch.zeros(3))], amsgrad=True)
