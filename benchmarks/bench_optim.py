@@ -92,20 +92,23 @@ def run(args):
     cfg = _cfg(args, on_gpu)
     _, _, created = distributed.init(device, single_process_group=True)
     try:
-        model = _sharded_student(cfg, device)
-        params = list(model.student.parameters())
-        numel = sum(p.numel() for p in params)
-        providers = _providers(model, cfg, device)
-        groups = len(model.get_params_groups())
-        shape = f"{cfg.student.arch} depth {cfg.student.depth}: {len(params)} tensors, {groups} groups, " \
-                f"{numel / 1e6:.1f}M"
-        rows = []
-        for op in ("clip", "adamw"):
-            rows += common.time_providers(
-                f"optim {op} {shape}", [(name, calls[op]) for name, calls in providers], lambda fn: fn, device,
-                bench_name="optim", op=op, shape=shape, dtype=torch.float32, mode="step", baseline="torch_dtensor",
-                note="1-rank FSDP2 (fully_shard per block)")
-        return rows
+        with common.cpu_denormals_flushed(device):
+            return _rows(cfg, device)
     finally:
         if created:
             torch.distributed.destroy_process_group()
+
+
+def _rows(cfg, device):
+    model = _sharded_student(cfg, device)
+    params = list(model.student.parameters())
+    providers = _providers(model, cfg, device)
+    shape = (f"{cfg.student.arch} depth {len(model.student['backbone'].blocks)}: {len(params)} tensors, "
+             f"{len(model.get_params_groups())} groups, {sum(p.numel() for p in params) / 1e6:.1f}M")
+    rows = []
+    for op in ("clip", "adamw"):
+        rows += common.time_providers(
+            f"optim {op} {shape}", [(name, calls[op]) for name, calls in providers], lambda fn: fn, device,
+            bench_name="optim", op=op, shape=shape, dtype=torch.float32, mode="step", baseline="torch_dtensor",
+            note="1-rank FSDP2 (fully_shard per block)")
+    return rows

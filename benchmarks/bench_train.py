@@ -303,17 +303,18 @@ def _time_trainer(args, cfg, provider, device, batch_size, warmup, steps, profil
 
 
 def run(args):
-    on_gpu = torch.cuda.is_available()
-    device = torch.device("cuda" if on_gpu else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with common.cpu_denormals_flushed(device):
+        return _run(args, device)
+
+
+def _run(args, device):
+    on_gpu = device.type == "cuda"
     quick = getattr(args, "quick", False) or not on_gpu
     batches = getattr(args, "train_batch", None) or ([16, 32] if not quick else [4])
     steps = getattr(args, "train_steps", None) or (20 if not quick else 3)
     warmup = 5 if on_gpu else 1
     peak = peak_tflops(device)
-    if not on_gpu:
-        # tiny LayerScale (1e-5) gradients underflow to fp32 denormals, which x86 CPUs process ~100x slower
-        # (GPUs do not): flush them for both providers so the CPU rows time the code, not denormal stalls
-        torch.set_flush_denormal(True)
     variants = [parse_variant(v) for v in getattr(args, "train_variant", None) or []]
     run_note = _run_note(args)
     rows = []

@@ -24,3 +24,17 @@ def test_baseline_clipping_is_the_norm_of_all_gradients():
     total = bench_optim.clip_through_dtensor(params, 1.0)
     assert total.item() == 5.0
     assert torch.allclose(params[1].grad, torch.tensor([0.0, 0.8]), atol=1e-6)
+
+
+def _denormals_flushed():
+    return (torch.tensor([1e-38]) / 100).item() == 0.0  # 1e-40 is an fp32 denormal
+
+
+def test_denormals_are_flushed_only_while_a_cpu_benchmark_runs():
+    from celldino.benchmarks import common
+    seen = []
+    with common.cpu_denormals_flushed("cpu"):
+        seen.append(_denormals_flushed())
+    assert seen == [True] and not _denormals_flushed()
+    bench_optim.run(argparse.Namespace(quick=True))
+    assert not _denormals_flushed()
