@@ -56,16 +56,6 @@ def _sharded_student(cfg, device):
     return model
 
 
-def clip_through_dtensor(params, max_norm):
-    """Gradient clipping the way torch runs it on DTensor gradients (celldino's before the shard-local path)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
-    if isinstance(total, DTensor):
-        total = total.full_tensor()
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-    return total
-
-
 def _providers(model, cfg, device):
     """[(name, {op: call})]: the baseline first."""
     from celldino.train import optim
@@ -75,7 +65,7 @@ def _providers(model, cfg, device):
     optimizers = {"torch_dtensor": torch.optim.AdamW(model.get_params_groups(), lr=0.0, betas=betas, **fused),
                   "shard_local": optim.build_optimizer(cfg, model.get_params_groups(), device)}
     assert type(optimizers["shard_local"]) is optim.ShardLocalAdamW
-    clips = {"torch_dtensor": clip_through_dtensor, "shard_local": optim.clip_grad_norm}
+    clips = {"torch_dtensor": optim.clip_grad_norm_through_dtensor, "shard_local": optim.clip_grad_norm}
     providers = []
     for name, optimizer in optimizers.items():
         optim.apply_optim_scheduler(optimizer, lr=1e-4, wd=0.04, last_layer_lr=1e-4)

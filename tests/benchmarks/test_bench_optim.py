@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 
 from celldino.benchmarks import bench_optim
+from celldino.train import optim
 
 
 def test_bench_optim_rows_name_both_providers_and_their_speedups():
@@ -18,10 +19,10 @@ def test_bench_optim_rows_name_both_providers_and_their_speedups():
     assert not dist.is_initialized()  # its 1-rank group is gone
 
 
-def test_baseline_clipping_is_the_norm_of_all_gradients():
+def test_clipping_through_dtensor_uses_the_norm_of_all_gradients():
     params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))]
     params[0].grad, params[1].grad = torch.tensor([3.0, 0.0, 0.0]), torch.tensor([0.0, 4.0])
-    total = bench_optim.clip_through_dtensor(params, 1.0)
+    total = optim.clip_grad_norm_through_dtensor(params, 1.0)
     assert total.item() == 5.0
     assert torch.allclose(params[1].grad, torch.tensor([0.0, 0.8]), atol=1e-6)
 
