@@ -7,6 +7,8 @@ import torch
 from torch.distributed.tensor import DTensor
 from torch.optim.adamw import adamw
 
+from celldino.dist import local_shard
+
 
 def build_optimizer(cfg, params_groups, device):
     """AdamW over the fused parameter groups: fused=True on CUDA, foreach elsewhere (the reference: foreach);
@@ -22,12 +24,6 @@ def build_optimizer(cfg, params_groups, device):
 
 def _as_list(params):
     return [params] if isinstance(params, torch.Tensor) else list(params)
-
-
-def _local(tensor):
-    """The local shard of a DTensor (the tensor itself otherwise); in-place updates reach the DTensor. Callers run
-    under no_grad, where to_local() is the shard itself."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 class ShardLocalAdamW(torch.optim.AdamW):
@@ -54,10 +50,10 @@ class ShardLocalAdamW(torch.optim.AdamW):
                 state = self.state[p]
                 if not state:
                     _init_state(state, p, group)
-                params.append(_local(p))
-                grads.append(_local(p.grad))
-                exp_avgs.append(_local(state["exp_avg"]))
-                exp_avg_sqs.append(_local(state["exp_avg_sq"]))
+                params.append(local_shard(p))
+                grads.append(local_shard(p.grad))
+                exp_avgs.append(local_shard(state["exp_avg"]))
+                exp_avg_sqs.append(local_shard(state["exp_avg_sq"]))
                 steps.append(state["step"])
             if params:
                 beta1, beta2 = group["betas"]
@@ -94,7 +90,7 @@ def clip_grad_norm(parameters, max_norm):
     groups = _shard_groups([p.grad for p in params])
     if groups is None:
         return clip_grad_norm_through_dtensor(params, max_norm)
-    grads = [_local(p.grad) for p in params]
+    grads = [local_shard(p.grad) for p in params]
     total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
     if groups:
         squares = total.float() ** 2 if total.dtype not in (torch.float32, torch.float64) else total ** 2

@@ -18,6 +18,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
+from celldino.dist import local_shard
 from celldino.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from celldino.models import DINOHead, build_model_from_cfg
 
@@ -29,10 +30,6 @@ logger = logging.getLogger("celldino")
 
 def _at_least_fp32(x):
     return x if x.dtype == torch.float64 else x.float()
-
-
-def _local(param):
-    return param.to_local() if isinstance(param, DTensor) else param.detach()
 
 
 def _load_pretrained(backbone, path):
@@ -263,6 +260,6 @@ class SSLMetaArch(nn.Module):
         cache = self._step_params()
         student_params, teacher_params = cache["ema"]
         if cache["sharded"]:  # FSDP2: both are sharded alike, so the update runs on the local shards
-            student_params = [_local(p) for p in student_params]
-            teacher_params = [_local(p) for p in teacher_params]
+            student_params = [local_shard(p) for p in student_params]
+            teacher_params = [local_shard(p) for p in teacher_params]
         torch._foreach_lerp_(teacher_params, student_params, 1 - momentum)
