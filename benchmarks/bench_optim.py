@@ -7,9 +7,10 @@ launch-bound. The parameters are the student's (backbone, DINO and iBOT heads) w
 groups (layer-wise lr decay: one group per block), sharded per block with FSDP2 `fully_shard` on a 1-rank group
 (the layout every rank of a multi-GPU run steps on; more ranks shrink each shard, not the number of ops).
 Sizes: on a GPU the Cell-DINO ViT-L/16 recipe (fused AdamW, as the trainer); on CPU a ViT of ViT-L's depth and
-width 64 (foreach AdamW), where nearly all of the time is host work.
+width 64 (foreach AdamW), where nearly all of the time is host work: depth 4 by default (a smoke run),
+`--optim-depth 24` for ViT-L's depth.
 
-    python -m benchmarks.run_all optim
+    python -m benchmarks.run_all optim [--optim-depth 24]
 Providers: `torch_dtensor` (torch.optim.AdamW and clipping on DTensors; the baseline), `shard_local`.
 Ops: `clip` (clipping of backbone, DINO head and iBOT head, as the trainer) and `adamw` (one optimizer step).
 """
@@ -18,7 +19,7 @@ from torch.distributed.tensor import DTensor
 
 from . import common
 
-CPU_MODEL = ["student.arch=vit_small", "student.embed_dim=64", "student.depth=24", "student.num_heads=2",
+CPU_MODEL = ["student.arch=vit_small", "student.embed_dim=64", "student.num_heads=2",
              "student.patch_size=8", "student.in_chans=4", "teacher.in_chans=4", "dino.head_n_prototypes=256",
              "ibot.head_n_prototypes=256", "dino.head_hidden_dim=128", "ibot.head_hidden_dim=128",
              "dino.head_bottleneck_dim=64", "ibot.head_bottleneck_dim=64", "student.block_chunks=0",
@@ -27,13 +28,17 @@ CPU_MODEL = ["student.arch=vit_small", "student.embed_dim=64", "student.depth=24
 
 def add_arguments(parser):
     parser.add_argument("--optim-config", default="cell_dino/vitl16_hpaone", help="recipe benchmarked on a GPU")
+    parser.add_argument("--optim-depth", type=int, default=None,
+                        help="backbone depth (default: the recipe's on a GPU, 4 on CPU; 24 is ViT-L's)")
 
 
 def _cfg(args, on_gpu):
     from celldino.config import load_config
+    depth = getattr(args, "optim_depth", None)
+    depth = [f"student.depth={depth}"] if depth else []
     if on_gpu and not getattr(args, "quick", False):
-        return load_config(getattr(args, "optim_config", None) or "cell_dino/vitl16_hpaone", [])
-    return load_config(None, CPU_MODEL if not getattr(args, "quick", False) else CPU_MODEL + ["student.depth=4"])
+        return load_config(getattr(args, "optim_config", None) or "cell_dino/vitl16_hpaone", depth)
+    return load_config(None, CPU_MODEL + (depth or ["student.depth=4"]))
 
 
 def _sharded_student(cfg, device):

@@ -17,6 +17,8 @@ def test_bench_optim_rows_name_both_providers_and_their_speedups():
         assert r["bench"] == "optim" and r["median_ms"] > 0 and r["baseline"] == "torch_dtensor"
         assert r["speedup_vs_baseline"] > 0 and "groups" in r["shape"]
     assert not dist.is_initialized()  # its 1-rank group is gone
+    assert "depth 4:" in rows[0]["shape"]  # the CPU smoke depth
+    assert bench_optim._cfg(argparse.Namespace(quick=True, optim_depth=24), on_gpu=False).student.depth == 24
 
 
 def test_clipping_through_dtensor_uses_the_norm_of_all_gradients():
