@@ -29,16 +29,15 @@ def _groups(params):
             {"params": params[2:], "lr": 3e-3, "weight_decay": 0.0}]
 
 
-def _optimizer_rank(rank, world, layout):
+def _optimizer_rank(rank, world, layout, kind):
     mesh, placements = _mesh_and_placements(layout, world)
     gen = torch.Generator().manual_seed(0)
     values = [torch.randn(s, generator=gen) for s in SHAPES]
     grads = [[torch.randn(s, generator=gen) for s in SHAPES] for _ in range(3)]
     ours, theirs = _sharded(values, mesh, placements), _sharded(values, mesh, placements)
-    cfg = argparse.Namespace(optim=argparse.Namespace(adamw_beta1=0.9, adamw_beta2=0.999))
-    ours_opt = optim.build_optimizer(cfg, _groups(ours), torch.device("cpu"))  # foreach; the groups' own lr / wd
-    assert type(ours_opt) is optim.ShardLocalAdamW
-    theirs_opt = torch.optim.AdamW(_groups(theirs), betas=(0.9, 0.999), foreach=True)
+    kwargs = {kind: True}  # foreach (the trainer's on CPU) or fused (its CUDA setting; torch has it on CPU too)
+    ours_opt = optim.ShardLocalAdamW(_groups(ours), betas=(0.9, 0.999), **kwargs)
+    theirs_opt = torch.optim.AdamW(_groups(theirs), betas=(0.9, 0.999), **kwargs)
     for step_grads in grads:
         for params in (ours, theirs):
             for p, g in zip(params, step_grads):
@@ -57,12 +56,18 @@ def _optimizer_rank(rank, world, layout):
     return same_params, same_state
 
 
-@pytest.mark.parametrize("layout", ["fsdp", "hsdp"])
-def test_shard_local_adamw_equals_torch_adamw_on_dtensors(tmp_path, layout):
-    results = run_on_gloo_ranks(_optimizer_rank, (layout,), tmp_path / "store", world=2)
+@pytest.mark.parametrize("layout,kind", [("fsdp", "foreach"), ("hsdp", "foreach"), ("fsdp", "fused")])
+def test_shard_local_adamw_equals_torch_adamw_on_dtensors(tmp_path, layout, kind):
+    results = run_on_gloo_ranks(_optimizer_rank, (layout, kind), tmp_path / "store", world=2)
     for rank, (same_params, same_state) in results.items():
         assert same_params, rank
         assert all(same_state), (rank, same_state)
+
+
+def _built_for_shards(rank, world, cfg):
+    mesh, placements = _mesh_and_placements("fsdp", world)
+    return type(optim.build_optimizer(cfg, _groups(_sharded([torch.zeros(4)] * 3, mesh, placements)),
+                                      torch.device("cpu"))).__name__
 
 
 def _clip_rank(rank, world, layout, max_norm):
@@ -88,9 +93,10 @@ def test_clip_grad_norm_on_shards_matches_float64(tmp_path, layout, max_norm):
         assert error < 1e-6, (rank, error)
 
 
-def test_build_optimizer_steps_on_shards_only_for_dtensor_parameters():
+def test_build_optimizer_steps_on_shards_only_for_dtensor_parameters(tmp_path):
     cfg = argparse.Namespace(optim=argparse.Namespace(adamw_beta1=0.9, adamw_beta2=0.999))
     plain = optim.build_optimizer(cfg, [{"params": [torch.nn.Parameter(torch.zeros(3))]}], torch.device("cpu"))
     assert type(plain) is torch.optim.AdamW
+    assert run_on_gloo_ranks(_built_for_shards, (cfg,), tmp_path / "store", world=1) == {0: "ShardLocalAdamW"}
     with pytest.raises(ValueError, match="amsgrad"):
         optim.ShardLocalAdamW([torch.nn.Parameter(torch.zeros(3))], amsgrad=True)
