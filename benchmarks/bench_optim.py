@@ -82,9 +82,8 @@ def _providers(model, cfg, device):
 
 def run(args):
     from celldino.train import distributed
-    on_gpu = torch.cuda.is_available()
-    device = torch.device("cuda" if on_gpu else "cpu")
-    cfg = _cfg(args, on_gpu)
+    device = distributed.select_device("auto")  # cuda:<current> (a process group's device needs its index)
+    cfg = _cfg(args, device.type == "cuda")
     _, _, created = distributed.init(device, single_process_group=True)
     try:
         with common.cpu_denormals_flushed(device):

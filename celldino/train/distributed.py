@@ -47,6 +47,15 @@ def select_device(requested="auto", local_rank=0):
     return torch.device("cpu")
 
 
+def with_index(device):
+    """`device` with its index: a bare "cuda" is the current CUDA device (init_process_group refuses a device_id
+    without an index)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def init(device, timeout_minutes=30, single_process_group=False):
     """Initialise the default process group when needed; returns (rank, world_size, we_created_it).
 
@@ -58,6 +67,7 @@ def init(device, timeout_minutes=30, single_process_group=False):
     if world == 1 and not single_process_group:
         return 0, 1, False
     backend = "nccl" if device.type == "cuda" else "gloo"
+    device = with_index(device)
     timeout = datetime.timedelta(minutes=timeout_minutes)
     if world == 1 and "MASTER_ADDR" not in os.environ:
         # a lone rank needs no rendezvous: an in-memory store, not a TCP one on a port that another process could

@@ -179,3 +179,12 @@ def test_fsdp_shard_size_follows_the_reference_strategies():
     mixed = every("SHARD_GRAD_OP")[:-1] + ["compute_precision.teacher.ibot_head.sharding_strategy=NO_SHARD"]
     with pytest.raises(ValueError, match="make them agree or set train.fsdp_shard_size"):
         fsdp_shard_size(tiny_cfg(*mixed), 16, 8)
+
+
+def test_a_bare_cuda_device_gets_the_current_index(monkeypatch):
+    """init_process_group refuses device_id=cuda without an index (a benchmark passed one): init adds it."""
+    from celldino.train import distributed
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert distributed.with_index("cuda") == torch.device("cuda", 3)
+    assert distributed.with_index(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert distributed.with_index("cpu") == torch.device("cpu")
