@@ -42,6 +42,14 @@ class ShardLocalAdamW(torch.optim.AdamW):
     def step(self, closure=None):
         if closure is not None:
             raise ValueError("ShardLocalAdamW.step takes no closure")
+        # grad_scale / found_inf: set by GradScaler.step for fused optimizers (_step_supports_amp_scaling), which
+        # leaves unscaling and skipping a non-finite step to the fused kernel (it skips when found_inf is 1, then
+        # subtracts found_inf from the step counters). ShardedGradScaler's found_inf (the trainer's with FSDP2) has
+        # shape (1,), which torch's fused step cannot subtract from 0-dim counters (pytorch/pytorch#140514), and is
+        # a sum over the ranks (2 and more when several ranks saw an inf): made a 0-dim 0 / 1 here.
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if found_inf is not None:
+            found_inf = (found_inf.reshape(()) != 0).to(found_inf.dtype)
         for group in self.param_groups:
             params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
             for p in group["params"]:
@@ -58,9 +66,9 @@ class ShardLocalAdamW(torch.optim.AdamW):
             if params:
                 beta1, beta2 = group["betas"]
                 adamw(params, grads, exp_avgs, exp_avg_sqs, [], steps, foreach=group["foreach"],
-                      capturable=group["capturable"], differentiable=False, fused=group["fused"], grad_scale=None,
-                      found_inf=None, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
-                      weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"])
+                      capturable=group["capturable"], differentiable=False, fused=group["fused"],
+                      grad_scale=grad_scale, found_inf=found_inf, amsgrad=False, beta1=beta1, beta2=beta2,
+                      lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"])
 
 
 def _init_state(state, param, group):

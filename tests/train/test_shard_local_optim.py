@@ -100,3 +100,50 @@ def test_build_optimizer_steps_on_shards_only_for_dtensor_parameters(tmp_path):
     assert run_on_gloo_ranks(_built_for_shards, (cfg,), tmp_path / "store", world=1) == {0: "ShardLocalAdamW"}
     with pytest.raises(ValueError, match="amsgrad"):
         optim.ShardLocalAdamW([torch.nn.Parameter(torch.zeros(3))], amsgrad=True)
+
+
+def _scaled_steps(params, opt, scaler, grad, unscale_first):
+    """One step through `scaler` with `grad` (x the scale, as a scaled loss's backward leaves it); returns the
+    parameter and the step counter after it."""
+    scaler.scale(torch.zeros(()))  # as scaler.scale(loss).backward(): the scale initialised
+    mesh = getattr(params[0], "device_mesh", None)
+    scaled = grad * 8.0
+    params[0].grad = distribute_tensor(scaled, mesh, params[0].placements) if mesh is not None else scaled
+    if unscale_first:  # the trainer unscales before clipping
+        scaler.unscale_(opt)
+    scaler.step(opt)
+    scaler.update()
+    value = (params[0].full_tensor() if mesh is not None else params[0]).detach().clone()
+    return value, opt.state[params[0]]["step"].item()
+
+
+def _scaled_step_rank(rank, world, unscale_first):
+    """Fused steps through the trainer's grad scaler (compute_precision.policy=reference with FSDP2:
+    ShardedGradScaler) against torch's fused AdamW through GradScaler on the whole tensors: a step with a non-finite
+    gradient (on one rank's shard) is skipped on every rank, and without unscale_ the fused kernel unscales."""
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+    mesh, placements = _mesh_and_placements("fsdp", world)
+    good = torch.arange(12.0).view(6, 2) / 10
+    bad = good.clone()
+    bad[5, 1] = float("inf")  # on the last rank's shard only: found_inf is reduced over the ranks
+    ours, expected = [], []
+    params = _sharded([torch.ones(6, 2)], mesh, placements)
+    opt = optim.ShardLocalAdamW(params, lr=0.1, weight_decay=0.04, fused=True)
+    scaler = ShardedGradScaler(device="cpu", init_scale=8.0, growth_interval=100)
+    plain = [torch.nn.Parameter(torch.ones(6, 2))]
+    torch_opt = torch.optim.AdamW(plain, lr=0.1, weight_decay=0.04, fused=True)
+    torch_scaler = torch.amp.GradScaler("cpu", init_scale=8.0, growth_interval=100)
+    for grad in (good, bad, good):
+        ours.append(_scaled_steps(params, opt, scaler, grad, unscale_first))
+        expected.append(_scaled_steps(plain, torch_opt, torch_scaler, grad, unscale_first))
+    return ours, expected
+
+
+@pytest.mark.parametrize("unscale_first", [True, False])
+def test_shard_local_adamw_honours_the_grad_scaler_like_torch(tmp_path, unscale_first):
+    results = run_on_gloo_ranks(_scaled_step_rank, (unscale_first,), tmp_path / "store", world=2)
+    for rank, (ours, expected) in results.items():
+        assert [steps for _, steps in ours] == [1, 1, 2], rank  # the non-finite step skipped, its count too
+        assert torch.equal(ours[1][0], ours[0][0]) and torch.isfinite(ours[2][0]).all(), rank
+        for (value, steps), (torch_value, torch_steps) in zip(ours, expected):
+            assert torch.equal(value, torch_value) and steps == torch_steps, rank
