@@ -1,6 +1,6 @@
 """The FSDP2 optimizer step and gradient clipping on local shards (celldino.train.optim) against torch's own
 DTensor paths and a float64 reference, on gloo ranks: uneven shapes (a shard can be empty), FSDP (Shard) and
-HSDP (Replicate x Shard) layouts."""
+HSDP (Replicate x Shard, the ranks along either dimension) layouts."""
 import argparse
 
 import pytest
@@ -17,7 +17,9 @@ SHAPES = [(7, 5), (3,), (1,), (4, 2, 3), (9,)]  # 1 row on 2 ranks: rank 1's sha
 def _mesh_and_placements(layout, world):
     if layout == "fsdp":
         return init_device_mesh("cpu", (world,)), [Shard(0)]
-    return init_device_mesh("cpu", (1, world), mesh_dim_names=("replicate", "shard")), [Replicate(), Shard(0)]
+    # hsdp: the ranks shard; hsdp_replicas: the ranks hold replicas (a norm summed over the replicas is too large)
+    shape = (1, world) if layout == "hsdp" else (world, 1)
+    return init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard")), [Replicate(), Shard(0)]
 
 
 def _sharded(tensors, mesh, placements):
@@ -56,7 +58,8 @@ def _optimizer_rank(rank, world, layout, kind):
     return same_params, same_state
 
 
-@pytest.mark.parametrize("layout,kind", [("fsdp", "foreach"), ("hsdp", "foreach"), ("fsdp", "fused")])
+@pytest.mark.parametrize("layout,kind", [("fsdp", "foreach"), ("hsdp", "foreach"), ("hsdp_replicas", "foreach"),
+                                         ("fsdp", "fused")])
 def test_shard_local_adamw_equals_torch_adamw_on_dtensors(tmp_path, layout, kind):
     results = run_on_gloo_ranks(_optimizer_rank, (layout, kind), tmp_path / "store", world=2)
     for rank, (same_params, same_state) in results.items():
@@ -84,7 +87,7 @@ def _clip_rank(rank, world, layout, max_norm):
     return type(total), total.item(), expected.item(), max(errors)
 
 
-@pytest.mark.parametrize("layout,max_norm", [("fsdp", 1.0), ("hsdp", 1.0), ("fsdp", 1e6)])
+@pytest.mark.parametrize("layout,max_norm", [("fsdp", 1.0), ("hsdp", 1.0), ("hsdp_replicas", 1.0), ("fsdp", 1e6)])
 def test_clip_grad_norm_on_shards_matches_float64(tmp_path, layout, max_norm):
     results = run_on_gloo_ranks(_clip_rank, (layout, max_norm), tmp_path / "store", world=2)
     for rank, (total_type, total, expected, error) in results.items():
