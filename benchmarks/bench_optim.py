@@ -42,8 +42,8 @@ def _cfg(args, on_gpu):
 
 
 def _sharded_student(cfg, device):
-    """The student submodules {name: module}, each block and each submodule an FSDP2 unit on a 1-rank mesh, with
-    random DTensor gradients; and the trainer's parameter groups of them."""
+    """The SSLMetaArch of `cfg` whose student submodules (backbone, heads) are sharded on a 1-rank mesh, each block
+    and each submodule an FSDP2 unit, with random DTensor gradients."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 

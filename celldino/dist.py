@@ -126,11 +126,3 @@ def maybe_init_distributed() -> bool:
         dist.init_process_group("gloo")
     return True
 
-
-def local_shard(tensor):
-    """This rank's part of a DTensor, the DTensor's own local tensor (in-place updates reach the DTensor); other
-    tensors as they are. For no-grad updates (optimizer, EMA, clipping). It reads `_local_tensor` rather than
-    calling to_local(), which for a Parameter makes a new view on every call: ~2,500 calls per step at ViT-L
-    depth, host time a launch-bound step waits for."""
-    from torch.distributed.tensor import DTensor
-    return tensor._local_tensor if isinstance(tensor, DTensor) else tensor

@@ -1,13 +1,11 @@
 """Optimizer, per-group schedule application and per-submodule gradient clipping (reference train.py semantics).
 
 With FSDP2 the parameters and gradients are DTensors. AdamW and the clipping are elementwise (plus one sum for the
-norm), so both run here on the local shards: the same arithmetic, without DTensor's per-op sharding propagation,
-which cost 10-20x the plain optimizer step in host time (docs/train.md)."""
+norm), so both run here on the local shards: the same arithmetic, without DTensor's per-op sharding propagation
+(host time: `celldino bench optim`, docs/train.md)."""
 import torch
 from torch.distributed.tensor import DTensor
 from torch.optim.adamw import adamw
-
-from celldino.dist import local_shard
 
 
 def build_optimizer(cfg, params_groups, device):
@@ -22,6 +20,14 @@ def build_optimizer(cfg, params_groups, device):
     return optimizer_class(params_groups, lr=0.0, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2), **kwargs)
 
 
+def local_shard(tensor):
+    """This rank's part of a DTensor, the DTensor's own local tensor (in-place updates reach the DTensor); other
+    tensors as they are. For no-grad updates (optimizer, EMA, clipping). It reads `_local_tensor` rather than
+    calling to_local(), which for a Parameter makes a new view on every call: ~2,500 calls per step at ViT-L
+    depth, host time a launch-bound step waits for."""
+    return tensor._local_tensor if isinstance(tensor, DTensor) else tensor
+
+
 def _as_list(params):
     return [params] if isinstance(params, torch.Tensor) else list(params)
 
@@ -30,8 +36,8 @@ class ShardLocalAdamW(torch.optim.AdamW):
     """torch.optim.AdamW whose step runs torch's own AdamW update (torch.optim.adamw.adamw, fused / foreach as
     configured) on the local shards of DTensor parameters, gradients and moments. The state stays DTensors, laid
     out as torch.optim.AdamW lays it out, so state_dict, DCP checkpoints (any world size) and resume are unchanged;
-    the updated values are the same (tested against torch.optim.AdamW on DTensors). amsgrad, maximize-free
-    closures and differentiable steps are not used by the trainer and refused."""
+    the updated values are the same (tested against torch.optim.AdamW on DTensors). amsgrad, differentiable steps
+    and closures are not used by the trainer and refused."""
 
     def __init__(self, params, **kwargs):
         if kwargs.get("amsgrad") or kwargs.get("differentiable"):

@@ -18,11 +18,10 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
-from celldino.dist import local_shard
 from celldino.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from celldino.models import DINOHead, build_model_from_cfg
 
-from .optim import clip_grad_norm
+from .optim import clip_grad_norm, local_shard
 from .param_groups import fuse_params_groups, get_params_groups_with_decay
 
 logger = logging.getLogger("celldino")
