@@ -9,10 +9,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _rank_main(fn, rank, world, store_file, args, results, done, timeout):
-    # A file store, not a TCP port: a "free" port picked by the parent and handed to the workers races with anything
-    # else binding ports on a shared machine.
+def init_gloo(rank, world, store_file):
+    """Join a gloo group of `world` processes through a file store (`store_file`: a fresh path under tmp_path), not a
+    TCP port: a "free" port picked by the parent and handed to the workers races with anything else binding ports
+    on a shared machine."""
     dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world)
+
+
+def _rank_main(fn, rank, world, store_file, args, results, done, timeout):
+    init_gloo(rank, world, store_file)
     try:
         results.put((rank, fn(rank, world, *args)))
         # Tensors cross the queue as shared-memory handles that this process serves: exiting before the parent has

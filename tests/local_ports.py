@@ -1,6 +1,6 @@
 """A free TCP port on localhost, for the tests that start a process group through a TCP rendezvous (torchrun-style
 env:// in train and models). Shared by them (tests/ is on sys.path through tests/conftest.py). The port is free when
-asked, not reserved: tests that can use a file store (tests/gloo_ranks.py, eval_helpers.init_gloo) avoid the race
+asked, not reserved: tests that can use a file store (tests/gloo_ranks.py: run_on_gloo_ranks, init_gloo) avoid the race
 with other processes binding ports; the others start their processes through communicate_on_a_free_port, which
 starts them again on a new port when the one chosen was taken in between."""
 import socket

@@ -23,11 +23,3 @@ class TensorItems(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.images[i], self.targets[i]
-
-
-def init_gloo(rank, world, store_file):
-    """Join a gloo group of `world` processes through a file store (`store_file`: a fresh path under tmp_path), not a
-    TCP port: a "free" port chosen by the parent races with anything else binding ports (as tests/gloo_ranks.py)."""
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world)
-

@@ -9,7 +9,8 @@ import torch.multiprocessing as mp
 
 from celldino.eval.features import FeatureModel, FeatureOptions, autocast_dtype_for, extract_features, linear_input
 
-from eval_helpers import TensorItems, init_gloo, tiny_vit
+from eval_helpers import TensorItems, tiny_vit
+from gloo_ranks import init_gloo
 
 
 def _images(n, c=2, size=32, seed=0):

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 
 from celldino.eval.knn import (class_indices_mapping, few_shot_subsets, knn_leave_one_out, knn_scores, knn_search,
                                topk_merge)
-from eval_helpers import init_gloo
+from gloo_ranks import init_gloo
 
 
 def brute_force(train, labels, test, nb_knn, T, num_classes, normalize=True, voting="per_k"):
