@@ -78,20 +78,16 @@ def load_model(args):
                                            source=f"--checkpoint {args.checkpoint}",
                                            config_name=f"--config-file {args.config_file}")
         model = load_backbone(args.checkpoint, arch=args.arch, **kwargs)
+        if cfg is not None:  # an explicit --arch replaces the config's: its width and depth are not compared
+            check_backbone_matches_config(model, cfg, source=f"--checkpoint {args.checkpoint}",
+                                          config_name=f"--config-file {args.config_file}",
+                                          check_arch=args.arch is None)
     except ConfigMismatchError as exc:
         print(f"celldino: {exc}", file=sys.stderr)
         return None
     except (CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"celldino: cannot load --checkpoint {args.checkpoint}: {exc}", file=sys.stderr)
         return None
-    if cfg is not None:
-        try:  # an explicit --arch replaces the config's: its width and depth are not compared
-            check_backbone_matches_config(model, cfg, source=f"--checkpoint {args.checkpoint}",
-                                          config_name=f"--config-file {args.config_file}",
-                                          check_arch=args.arch is None)
-        except ConfigMismatchError as exc:
-            print(f"celldino: {exc}", file=sys.stderr)
-            return None
     apply_model_to_feature_args(args, model, cfg)
     return model
 
